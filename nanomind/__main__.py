@@ -1,0 +1,3 @@
+from nanomind.cli import main
+
+main()

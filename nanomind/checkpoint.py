@@ -1,0 +1,125 @@
+"""Directory checkpoints: model.safetensors + config.json (+ tokenizer files, + train_state.pt for resuming).
+
+A checkpoint is written into a temporary directory and renamed into place, so a crash never leaves a
+half-written directory that looks valid. Loading needs nothing but the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanomind.model import ModelConfig, Transformer
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dirs(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    p = Path(path)
+    if (p / "model.safetensors").is_file():
+        return p
+    dirs = step_dirs(p)
+    if not dirs:
+        raise ValueError(f"no checkpoint found at {p} (expected model.safetensors or step_* directories)")
+    return dirs[-1]
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    model: Transformer,
+    tokenizer_dir: str | Path | None = None,
+    train_state: dict[str, Any] | None = None,
+    keep_last: int = 0,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write run_dir/step_NNNNNNN atomically; keep only the newest `keep_last` (0 = all)."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    final = run / f"step_{step:07d}"
+    tmp = run / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as embed_tokens; safetensors refuses shared storage
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["nanomind"] = {"step": step, "saved": time.strftime("%Y-%m-%dT%H:%M:%S"), **(info or {})}
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if tokenizer_dir is not None:
+        from nanomind.tokenizer import tokenizer_files
+
+        tok = tmp / "tokenizer"
+        tok.mkdir()
+        for f in tokenizer_files(tokenizer_dir):
+            shutil.copy2(f, tok / Path(f).name)
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    if final.exists():  # saving the same step again (e.g. after a resume): replace it
+        old = run / f".old-{final.name}-{os.getpid()}"
+        final.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(final)
+    if keep_last > 0:
+        for old in step_dirs(run)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def load_config(ckpt: str | Path) -> ModelConfig:
+    path = resolve(ckpt) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON: {e}") from None
+    return ModelConfig.from_dict(data)
+
+
+def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    path = resolve(ckpt)
+    model = Transformer(load_config(path))
+    load_weights(model, path)
+    return model.to(device)
+
+
+def load_weights(model: Transformer, ckpt: str | Path) -> None:
+    path = resolve(ckpt)
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if model.config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+
+
+def load_train_state(ckpt: str | Path) -> dict[str, Any]:
+    path = resolve(ckpt) / "train_state.pt"
+    if not path.is_file():
+        raise ValueError(f"{path.parent} has no train_state.pt, so it cannot be resumed (use --init to start from it)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def tokenizer_dir(ckpt: str | Path) -> Path:
+    path = resolve(ckpt) / "tokenizer"
+    if not (path / "tokenizer.json").is_file():
+        raise ValueError(f"{path.parent} has no tokenizer/ directory; pass --tokenizer")
+    return path

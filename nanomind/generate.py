@@ -1,0 +1,119 @@
+"""Sampling and the one streaming generator (token ids in, token ids out, one at a time, with a KV cache).
+
+    nanomind generate --ckpt runs/pretrain --prompt "Once upon a time" --max-new-tokens 200
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from nanomind.config import arg
+from nanomind.model import Transformer
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = arg(200, "tokens to generate at most")
+    temperature: float = arg(0.8, "softmax temperature; 0 = greedy")
+    top_k: int = arg(50, "sample among the k most likely tokens (0 = all)")
+    top_p: float = arg(0.95, "nucleus sampling: the smallest set of tokens whose probability reaches p (1 = off)")
+    repetition_penalty: float = arg(1.1, "divide the logits of tokens already seen by this (CTRL style; 1 = off)")
+    seed: int = arg(0, "random seed for sampling")
+    ignore_eos: bool = arg(False, "keep generating past stop tokens (for benchmarks)")
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 0 or self.top_k < 0:
+            raise ValueError("--max-new-tokens and --top-k must be >= 0")
+
+
+def sample(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None, gen: torch.Generator) -> int:
+    """One token id from logits [V]; `seen` [V] bool marks tokens that the repetition penalty applies to."""
+    logits = logits.float()
+    if seen is not None and s.repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if s.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.numel():
+        values, index = torch.topk(logits, s.top_k)  # sorted, largest first
+    else:
+        values, index = torch.sort(logits, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    if s.top_p < 1.0:
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= s.top_p
+        probs = probs.masked_fill(drop, 0.0)
+    choice = torch.multinomial(probs, 1, generator=gen)
+    return int(index[choice])
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer, prompt: list[int], s: SamplingConfig, stop_ids: Collection[int] = ()
+) -> Iterator[int]:
+    """Yield new token ids one by one; stops at a stop id (not yielded), max_new_tokens or the context end."""
+    if not prompt:
+        raise ValueError("the prompt must contain at least one token")
+    device = next(model.parameters()).device
+    max_len = min(len(prompt) + s.max_new_tokens, model.config.max_position_embeddings)
+    if len(prompt) >= max_len:
+        raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in a {max_len}-token context")
+    gen = torch.Generator(device=device).manual_seed(s.seed)
+    cache = model.new_cache(1, max_len)
+    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+    seen[torch.tensor(prompt, device=device)] = True
+    logits = model(torch.tensor([prompt], device=device), cache, last_only=True).logits[0, -1]
+    stops = set() if s.ignore_eos else set(stop_ids)
+    for _ in range(max_len - len(prompt)):
+        tok = sample(logits, s, seen, gen)
+        if tok in stops:
+            return
+        yield tok
+        if cache.pos >= max_len:
+            return
+        seen[tok] = True
+        logits = model(torch.tensor([[tok]], device=device), cache, last_only=True).logits[0, -1]
+
+
+@dataclass(kw_only=True)
+class GenerateConfig(SamplingConfig):
+    ckpt: str = arg(help="checkpoint directory (or a run directory: its newest checkpoint)")
+    prompt: str = arg("", "text to continue (empty: start from <|endoftext|>)")
+    device: str = arg("auto", "cpu, cuda, mps or auto")
+    dtype: str = arg("fp32", "weights precision for inference", choices=["fp32", "bf16"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from nanomind import checkpoint
+    from nanomind.config import parse
+    from nanomind.tokenizer import StreamDecoder, Tokenizer
+    from nanomind.train.loop import resolve_device
+
+    cfg = parse(GenerateConfig, argv, "nanomind generate", __doc__.splitlines()[0])
+    tok = Tokenizer.load(checkpoint.tokenizer_dir(cfg.ckpt))
+    model = checkpoint.load_model(cfg.ckpt, resolve_device(cfg.device)).eval()
+    if cfg.dtype == "bf16":
+        model.to(torch.bfloat16)
+    prompt = tok.encode(cfg.prompt) if cfg.prompt else [tok.eos_id]
+    decoder = StreamDecoder(tok)
+    sys.stdout.write(cfg.prompt)
+    n, t0 = 0, time.perf_counter()
+    for token in generate(model, prompt, cfg, stop_ids=(tok.eos_id, tok.im_end_id)):
+        sys.stdout.write(decoder.push(token))
+        sys.stdout.flush()
+        n += 1
+    sys.stdout.write(decoder.flush() + "\n")
+    dt = time.perf_counter() - t0
+    print(f"[{n} tokens, {n / dt:.1f} tokens/s]", file=sys.stderr)

@@ -1,0 +1,167 @@
+"""The dense decoder, read top to bottom: KV cache -> attention -> block -> transformer.
+
+Parameter names follow HF Llama/Qwen3 (`model.layers.0.self_attn.q_proj.weight`, ...), so export is an identity map.
+The model never sees labels: `forward(ids, cache) -> Output(logits, aux_loss)`; stages compute their own losses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanomind.model.config import ModelConfig
+from nanomind.model.layers import MLP, RMSNorm, apply_rope, rope_tables
+
+
+class LayerKV:
+    """Preallocated keys/values of one attention layer: [B, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, kv, T, D] at pos and return views of everything cached so far."""
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """One LayerKV per layer plus the shared write position; the model advances `pos` after each forward."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"cache length {max_len} exceeds max_position_embeddings {cfg.max_position_embeddings}; "
+                "use rope_scaling (linear or yarn) with a larger max_position_embeddings"
+            )
+        self.max_len = max_len
+        self.pos = 0
+        self.layers = [
+            LayerKV(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None, pos: int
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, KV, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.update(pos, k, v)  # [B, KV, pos+T, D]
+        mask, causal = None, T > 1
+        if causal and pos > 0:  # chunked prefill: query i sees keys 0..pos+i
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            causal = False
+        if self.n_kv != self.n_heads:
+            # repeat k/v so SDPA can use its fused kernels (enable_gqa falls back to the math path on CPU)
+            rep = self.n_heads // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv: LayerKV | None, pos: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """HF's `model.` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # [B, T, vocab] (T = 1 when last_only)
+    aux_loss: torch.Tensor | None = None  # load-balancing losses of MoE variants; None for dense models
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) for matrices; residual output projections shrunk by 1/sqrt(2 * layers) (GPT-2) so the
+        residual stream's variance does not grow with depth; norms start at 1."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            elif p.dim() == 2:
+                nn.init.normal_(p, 0.0, std)
+            else:
+                nn.init.ones_(p)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, dtype or p.dtype, p.device)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> Output:
+        """ids: [B, T] token ids. With a cache, positions continue from cache.pos and the cache advances."""
+        B, T = ids.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_position_embeddings")
+        x = self.model.embed_tokens(ids)  # [B, T, C]
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        cos, sin = self.rope_cos[pos : pos + T].to(dtype), self.rope_sin[pos : pos + T].to(dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos)
+        if cache is not None:
+            cache.pos += T
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return Output(self.lm_head(x))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,125 @@
+"""Pretraining: next-token prediction on packed rows of exactly seq_len tokens (no padding).
+
+    nanomind pretrain --preset minimind-26m --data corpus.jsonl --out runs/pt --steps 2000
+
+`--data` is a directory made by `nanomind prepare`, or jsonl files, which are prepared into OUT/data first
+(with --tokenizer, or a tokenizer trained on them into OUT/tokenizer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nanomind import checkpoint
+from nanomind.config import arg
+from nanomind.data import PackedBatches, PrepareConfig, TokenShards, eval_batches, prepare
+from nanomind.model import PRESETS, Transformer, describe_presets, preset
+from nanomind.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
+from nanomind.train.loop import TrainConfig, TrainResult, dist_env, resolve_device, train
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    data: list[str] = arg([], "a prepared directory (nanomind prepare) or {\"text\"} jsonl files")
+    preset: str = arg("tiny", "model size; parameters at vocab 6400: " + describe_presets(), choices=sorted(PRESETS))
+    tokenizer: str = arg("", "tokenizer directory for jsonl --data (default: train one into OUT/tokenizer)")
+    vocab_size: int = arg(6400, "vocabulary of the tokenizer trained when --tokenizer is not given")
+    init: str = arg("", "checkpoint to start from instead of random weights")
+    out: str = arg("runs/pretrain", "run directory: checkpoints (step_*/) and TensorBoard logs (tb/)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.data:
+            raise ValueError("--data is required: a prepared directory or one or more jsonl files")
+
+
+def cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token loss over all positions; labels [B, T] are the inputs shifted by one."""
+    logits = model(batch["input_ids"]).logits  # [B, T, V]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    return loss, {"tokens": batch["labels"].numel()}
+
+
+def make_eval_fn(val: TokenShards, token_bytes: torch.Tensor, batch_size: int, seq_len: int, max_batches: int):
+    """Validation loss (nats/token) and bits per byte = total nats / ln 2 / total UTF-8 bytes of the targets.
+    Bytes come from each target token's byte length, so bpb is comparable across tokenizers."""
+    fixed = eval_batches(val, batch_size, seq_len, max_batches)
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        nats = count = nbytes = 0.0
+        for b in fixed:
+            ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+            logits = model(ids).logits.float()
+            nats += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += labels.numel()
+            nbytes += token_bytes.to(device)[labels].sum().item()
+        return {"val_loss": nats / count, "val_bpb": nats / math.log(2) / max(nbytes, 1.0)}
+
+    return evaluate
+
+
+def ensure_prepared(cfg: PretrainConfig) -> Path:
+    """The prepared data directory for cfg.data (preparing jsonl inputs into OUT/data when needed)."""
+    if len(cfg.data) == 1 and Path(cfg.data[0]).is_dir():
+        return Path(cfg.data[0])
+    out = Path(cfg.out)
+    prepared = out / "data"
+    if (prepared / "meta.json").is_file():
+        print(f"using the data prepared earlier in {prepared}")
+        return prepared
+    tok_dir = cfg.tokenizer
+    if not tok_dir:
+        tok_dir = str(out / "tokenizer")
+        if not (Path(tok_dir) / "tokenizer.json").is_file():
+            print(f"training a {cfg.vocab_size}-token tokenizer into {tok_dir}")
+            train_tokenizer(TokenizerTrainConfig(data=cfg.data, vocab_size=cfg.vocab_size, out=tok_dir))
+    prepare(PrepareConfig(data=cfg.data, tokenizer=tok_dir, out=str(prepared)))
+    return prepared
+
+
+def run(cfg: PretrainConfig) -> TrainResult:
+    data_dir = ensure_prepared(cfg)
+    tok_dir = data_dir / "tokenizer"
+    tok = Tokenizer.load(tok_dir)
+    rank, world = dist_env()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if cfg.init:
+        model = checkpoint.load_model(cfg.init)
+        if model.config.vocab_size != tok.vocab_size:
+            raise ValueError(f"--init {cfg.init} has vocab {model.config.vocab_size}, the data's tokenizer "
+                             f"{tok.vocab_size}")  # fmt: skip
+    else:
+        model = Transformer(preset(cfg.preset, vocab_size=tok.vocab_size))
+    model.to(device)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")  # fmt: skip
+    if rank == 0:
+        n = model.num_params()
+        print(f"model: {cfg.preset if not cfg.init else cfg.init}, {n / 1e6:.2f}M parameters "
+              f"({model.config.num_params(embeddings=False) / 1e6:.2f}M without embeddings), device {device}, "
+              f"{cfg.dtype}, {cfg.batch_size * cfg.seq_len * cfg.grad_accum * world:,} tokens per step")  # fmt: skip
+    train_shards = TokenShards(data_dir, "train")
+    batches = PackedBatches(train_shards, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+    eval_fn = make_eval_fn(TokenShards(data_dir, "val"), torch.tensor(tok.token_bytes()), cfg.batch_size,
+                           cfg.seq_len, cfg.eval_batches)  # fmt: skip
+    return train(model, cfg, batches, cross_entropy, eval_fn, tokenizer_dir=tok_dir,
+                 info={"stage": "pretrain", "preset": cfg.preset, "data": str(data_dir)})  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    from nanomind.config import parse
+
+    cfg = parse(PretrainConfig, argv, "nanomind pretrain", __doc__.splitlines()[0])
+    result = run(cfg)
+    print(f"finished at step {result.step}; checkpoint: {result.checkpoint}")
+    if result.evals:
+        last = result.evals[-1]
+        print(f"validation: loss {last['val_loss']:.4f}, bits/byte {last['val_bpb']:.4f}")
