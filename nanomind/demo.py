@@ -23,7 +23,7 @@ from nanomind.config import arg
 
 @dataclass
 class DemoConfig:
-    data: list[str] = arg([], "{\"text\"} jsonl files (default: the built-in corpus made from Python's own docs)")
+    data: list[str] = arg([], '{"text"} jsonl files (default: the built-in corpus made from Python\'s own docs)')
     out: str = arg("runs/demo", "where the corpus, tokenizer, data and checkpoints go")
     minutes: float = arg(4.0, "pretraining time budget; the step count is sized to fit it")
     preset: str = arg("tiny", "model size")

@@ -1,6 +1,6 @@
 """Sampling and the one streaming generator (token ids in, token ids out, one at a time, with a KV cache).
 
-    nanomind generate --ckpt runs/pretrain --prompt "Once upon a time" --max-new-tokens 200
+nanomind generate --ckpt runs/pretrain --prompt "Once upon a time" --max-new-tokens 200
 """
 
 from __future__ import annotations
@@ -60,9 +60,7 @@ def sample(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None, g
 
 
 @torch.inference_mode()
-def generate(
-    model: Transformer, prompt: list[int], s: SamplingConfig, stop_ids: Collection[int] = ()
-) -> Iterator[int]:
+def generate(model: Transformer, prompt: list[int], s: SamplingConfig, stop_ids: Collection[int] = ()) -> Iterator[int]:
     """Yield new token ids one by one; stops at a stop id (not yielded), max_new_tokens or the context end."""
     if not prompt:
         raise ValueError("the prompt must contain at least one token")

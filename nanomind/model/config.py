@@ -65,7 +65,9 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token: 6 x matmul params (lm_head included) + causal attention (PaLM appendix B)."""
         n = self.num_params(embeddings=False) + self.vocab_size * self.hidden_size
-        attn = 6 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len  # 12*L*H*T, halved: causal
+        attn = (
+            6 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        )  # 12*L*H*T, halved: causal
         return 6 * n + attn
 
 
@@ -95,7 +97,6 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
-
 
 
 def describe_presets() -> str:

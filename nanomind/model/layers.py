@@ -18,7 +18,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Under autocast, hand the next matmuls their compute dtype once here; otherwise q/k/v (and gate/up)
+        # would each cast the same fp32 activations again. The weight follows x so the fused kernel is used.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def _yarn_inv_freq(cfg: ModelConfig, base_inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -77,11 +77,8 @@ class Attention(nn.Module):
         if causal and pos > 0:  # chunked prefill: query i sees keys 0..pos+i
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             causal = False
-        if self.n_kv != self.n_heads:
-            # repeat k/v so SDPA can use its fused kernels (enable_gqa falls back to the math path on CPU)
-            rep = self.n_heads // self.n_kv
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        gqa = self.n_kv != self.n_heads  # SDPA shares each k/v head among n_heads / n_kv query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -195,7 +196,9 @@ def train(
 
     wrapped: torch.nn.Module = model
     if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     if cfg.compile:
         wrapped = torch.compile(wrapped)
 
@@ -220,7 +223,9 @@ def train(
             metrics = {"step": step, **eval_fn(model)}
         model.train()
         result.evals.append(metrics)
-        bar.write("step {step:>6}  ".format(**metrics) + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+        bar.write(
+            "step {step:>6}  ".format(**metrics) + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
+        )
         if writer:
             for k, v in metrics.items():
                 if k != "step":
@@ -252,9 +257,7 @@ def train(
                 step_loss += scaled.item()
                 tokens_since_log += int(metrics.get("tokens", batch["input_ids"].numel())) * world
             grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-                if cfg.grad_clip > 0
-                else 0.0
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else 0.0
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -306,13 +309,9 @@ def _tensorboard(cfg: TrainConfig):
 
 
 def _install_signal_handlers() -> dict[int, Any]:
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old[sig] = signal.signal(sig, request_stop)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-    return old
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signals can only be handled in the main thread; leave them alone
+    return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _restore_signal_handlers(old: dict[int, Any]) -> None:

@@ -25,7 +25,7 @@ from nanomind.train.loop import TrainConfig, TrainResult, dist_env, resolve_devi
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    data: list[str] = arg([], "a prepared directory (nanomind prepare) or {\"text\"} jsonl files")
+    data: list[str] = arg([], 'a prepared directory (nanomind prepare) or {"text"} jsonl files')
     preset: str = arg("tiny", "model size; parameters at vocab 6400: " + describe_presets(), choices=sorted(PRESETS))
     tokenizer: str = arg("", "tokenizer directory for jsonl --data (default: train one into OUT/tokenizer)")
     vocab_size: int = arg(6400, "vocabulary of the tokenizer trained when --tokenizer is not given")
