@@ -107,8 +107,9 @@ class Decoder(nn.Module):
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # [B, T, vocab] (T = 1 when last_only)
+    logits: torch.Tensor | None  # [B, T, vocab] (T = 1 when last_only); None when return_hidden
     aux_loss: torch.Tensor | None = None  # load-balancing losses of MoE variants; None for dense models
+    hidden: torch.Tensor | None = None  # [B, T, C] final-norm output, only when return_hidden
 
 
 class Transformer(nn.Module):
@@ -142,8 +143,12 @@ class Transformer(nn.Module):
         p = self.model.embed_tokens.weight
         return KVCache(self.config, batch, max_len, dtype or p.dtype, p.device)
 
-    def forward(self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> Output:
-        """ids: [B, T] token ids. With a cache, positions continue from cache.pos and the cache advances."""
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False
+    ) -> Output:
+        """ids: [B, T] token ids. With a cache, positions continue from cache.pos and the cache advances.
+        return_hidden skips lm_head and returns the final hidden states, for losses that apply lm_head.weight
+        themselves in chunks (train/losses.py)."""
         B, T = ids.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.max_position_embeddings:
@@ -156,6 +161,8 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.model.norm(x)
+        if return_hidden:
+            return Output(None, hidden=x)
         if last_only:
             x = x[:, -1:]
         return Output(self.lm_head(x))

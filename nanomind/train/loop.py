@@ -7,9 +7,11 @@ gradients are averaged by DDP, and only rank 0 logs and writes checkpoints.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -118,12 +120,36 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The Transformer inside torch.compile / DDP wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
 def dist_env() -> tuple[int, int]:
     """(rank, world_size); initialises the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
+
+    A training step frees and re-allocates the same multi-MB activation buffers every time; by default glibc
+    hands large blocks back to the kernel, so each step page-faults them in again (measured: ~10-20% of a CPU
+    step for a 30M model). Allocations up to the 32 MiB cap stay on the heap and the heap is never trimmed.
+    No effect outside glibc (macOS, musl) or on GPU memory.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator already behaves differently
 
 
 _stop_requested = False
@@ -179,6 +205,8 @@ def train(
     rank, world = dist_env()
     master = rank == 0
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        keep_freed_memory()
     optimizer = make_optimizer(model, cfg, device)
     step = 0
     if cfg.resume and checkpoint.step_dirs(cfg.out):

@@ -20,7 +20,8 @@ from nanomind.config import arg
 from nanomind.data import PackedBatches, PrepareConfig, TokenShards, eval_batches, prepare
 from nanomind.model import PRESETS, Transformer, describe_presets, preset
 from nanomind.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
-from nanomind.train.loop import TrainConfig, TrainResult, dist_env, resolve_device, train
+from nanomind.train.loop import TrainConfig, TrainResult, dist_env, resolve_device, train, unwrap
+from nanomind.train.losses import linear_cross_entropy
 
 
 @dataclass
@@ -40,8 +41,8 @@ class PretrainConfig(TrainConfig):
 
 def cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token loss over all positions; labels [B, T] are the inputs shifted by one."""
-    logits = model(batch["input_ids"]).logits  # [B, T, V]
-    loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+    hidden = model(batch["input_ids"], return_hidden=True).hidden  # [B, T, C]
+    loss = linear_cross_entropy(hidden.flatten(0, 1), unwrap(model).lm_head.weight, batch["labels"].flatten())
     return loss, {"tokens": batch["labels"].numel()}
 
 
