@@ -11,6 +11,21 @@ from torch import nn
 from nanomind.model.config import ModelConfig
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias, plus a matrix-vector path for a single row (batch-1 decoding).
+
+    One-row matmuls are bound by reading the weight; on CPU `torch.mv` streams it at ~40 GB/s where the
+    general GEMM path reaches ~30 GB/s (measured with fp32 and bf16, see docs/PERF.md)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            return torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -22,7 +37,9 @@ class RMSNorm(nn.Module):
         # would each cast the same fp32 activations again. The weight follows x so the fused kernel is used.
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+        # Written out rather than F.rms_norm: on CPU its backward is a slower composite (measured 2x, docs/PERF.md).
+        # The mean of squares accumulates in fp32 inside the reduction even for bf16 x.
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
 
 
 def _yarn_inv_freq(cfg: ModelConfig, base_inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -78,9 +95,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
