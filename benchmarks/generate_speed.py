@@ -1,7 +1,7 @@
 """Batch-1 decode speed of nanomind.generate for the 30.0M `minimind3-30m` model: 128-token prompt,
-256 new tokens (stop tokens ignored), fp32 and bf16 weights, CPU.
+256 new tokens (stop tokens ignored), fp32 and bf16 weights, eager and torch.compile'd decoding step.
 
-    python benchmarks/generate_speed.py [--repeats 3] [--dtypes fp32 bf16]
+    python benchmarks/generate_speed.py [--repeats 3] [--dtypes fp32 bf16] [--modes eager compile]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from nanomind.generate import SamplingConfig, generate
 from nanomind.model import Transformer, preset
 
 
-def measure(dtype: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def measure(dtype: str, prompt_len: int, new_tokens: int, repeats: int, compile: bool) -> dict:
     torch.manual_seed(0)
     model = Transformer(preset("minimind3-30m")).eval()
     if dtype == "bf16":
@@ -28,7 +28,7 @@ def measure(dtype: str, prompt_len: int, new_tokens: int, repeats: int) -> dict:
     for _ in range(repeats + 1):  # the first run warms up
         stamps = []
         t0 = time.perf_counter()
-        for _tok in generate(model, prompt, s):
+        for _tok in generate(model, prompt, s, compile=compile):
             stamps.append(time.perf_counter())
         assert len(stamps) == new_tokens
         best_prefill = min(best_prefill, stamps[0] - t0)
@@ -42,14 +42,17 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    p.add_argument("--modes", nargs="+", default=["eager", "compile"], help="eager and/or torch.compile'd decoding")
     args = p.parse_args()
     header("batch-1 decode speed, minimind3-30m")
     figures: dict = {"benchmark": "generate_speed", "prompt": args.prompt_len, "new_tokens": args.new_tokens}
-    for dtype in args.dtypes:
-        r = measure(dtype, args.prompt_len, args.new_tokens, args.repeats)
-        print(f"{dtype}: {r['decode_tokens_per_s']:.1f} tokens/s decode "
-              f"({1000 / r['decode_tokens_per_s']:.2f} ms/token), prefill {r['prefill_s'] * 1000:.1f} ms")  # fmt: skip
-        figures[dtype] = {k: round(v, 4) for k, v in r.items()}
+    for mode in args.modes:
+        for dtype in args.dtypes:
+            r = measure(dtype, args.prompt_len, args.new_tokens, args.repeats, compile=mode == "compile")
+            rate = r["decode_tokens_per_s"]
+            print(f"{dtype} {mode}: {rate:.1f} tokens/s decode ({1000 / rate:.2f} ms/token), "
+                  f"prefill {r['prefill_s'] * 1000:.1f} ms")  # fmt: skip
+            figures[f"{dtype}_{mode}"] = {k: round(v, 4) for k, v in r.items()}
     emit(figures)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
@@ -59,30 +60,53 @@ def sample(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None, g
     return int(index[choice])
 
 
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decode_step(model: Transformer, compile: bool):
+    """One decoding step: (ids [1, 1], cache, positions [1]) -> logits [1, 1, V]. Compiled, it has fixed shapes
+    (the whole cache is attended to with a mask), so a single graph serves every step."""
+    if not compile:
+        return lambda ids, cache, positions: model(ids, cache, last_only=True).logits
+    if model not in _compiled_steps:
+        fn = lambda ids, cache, positions: model(ids, cache, last_only=True, positions=positions).logits  # noqa: E731
+        _compiled_steps[model] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _compiled_steps[model]
+
+
 @torch.inference_mode()
-def generate(model: Transformer, prompt: list[int], s: SamplingConfig, stop_ids: Collection[int] = ()) -> Iterator[int]:
-    """Yield new token ids one by one; stops at a stop id (not yielded), max_new_tokens or the context end."""
+def generate(
+    model: Transformer, prompt: list[int], s: SamplingConfig, stop_ids: Collection[int] = (), compile: bool = False
+) -> Iterator[int]:
+    """Yield new token ids one by one; stops at a stop id (not yielded), max_new_tokens or the context end.
+    compile: decode with a torch.compile'd step (the first call compiles for a while; later ones are faster)."""
     if not prompt:
         raise ValueError("the prompt must contain at least one token")
     device = next(model.parameters()).device
-    max_len = min(len(prompt) + s.max_new_tokens, model.config.max_position_embeddings)
+    limit = model.config.max_position_embeddings
+    max_len = min(len(prompt) + s.max_new_tokens, limit)
     if len(prompt) >= max_len:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in a {max_len}-token context")
     gen = torch.Generator(device=device).manual_seed(s.seed)
-    cache = model.new_cache(1, max_len)
+    # compiled steps are specialised to the cache length: round it up so that most calls share one graph
+    cache = model.new_cache(1, min(-(-max_len // 256) * 256, limit) if compile else max_len)
+    step = _decode_step(model, compile)
     seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
     seen[torch.tensor(prompt, device=device)] = True
     logits = model(torch.tensor([prompt], device=device), cache, last_only=True).logits[0, -1]
     stops = set() if s.ignore_eos else set(stop_ids)
-    for _ in range(max_len - len(prompt)):
+    for pos in range(len(prompt), max_len):
         tok = sample(logits, s, seen, gen)
         if tok in stops:
             return
         yield tok
-        if cache.pos >= max_len:
+        if pos + 1 >= max_len:
             return
         seen[tok] = True
-        logits = model(torch.tensor([[tok]], device=device), cache, last_only=True).logits[0, -1]
+        ids, positions = torch.tensor([[tok]], device=device), torch.tensor([pos], device=device)
+        logits = step(ids, cache, positions)[0, -1]
+        if compile:
+            cache.pos = pos + 1  # the static path leaves position bookkeeping to the caller
 
 
 @dataclass(kw_only=True)
@@ -91,6 +115,7 @@ class GenerateConfig(SamplingConfig):
     prompt: str = arg("", "text to continue (empty: start from <|endoftext|>)")
     device: str = arg("auto", "cpu, cuda, mps or auto")
     dtype: str = arg("fp32", "weights precision for inference", choices=["fp32", "bf16"])
+    compile: bool = arg(False, "torch.compile the decoding step (slow first call, faster decoding)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     decoder = StreamDecoder(tok)
     sys.stdout.write(cfg.prompt)
     n, t0 = 0, time.perf_counter()
-    for token in generate(model, prompt, cfg, stop_ids=(tok.eos_id, tok.im_end_id)):
+    for token in generate(model, prompt, cfg, stop_ids=(tok.eos_id, tok.im_end_id), compile=cfg.compile):
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
         n += 1

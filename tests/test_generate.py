@@ -22,6 +22,13 @@ def test_greedy_generation_equals_argmax_of_full_recompute():
     assert got == ids[len(prompt) :]
 
 
+def test_compiled_static_decoding_equals_eager():
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    s = SamplingConfig(max_new_tokens=20, temperature=0.9, top_k=0, top_p=1.0, seed=3)
+    assert list(generate(model, [3, 1, 4], s, compile=True)) == list(generate(model, [3, 1, 4], s))
+
+
 def test_stop_tokens_and_context_end():
     torch.manual_seed(0)
     model = Transformer(CFG).eval()

@@ -67,7 +67,7 @@ def _yarn_inv_freq(cfg: ModelConfig, base_inv_freq: torch.Tensor) -> tuple[torch
 
 
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape [length, head_dim] in fp32, halves duplicated (HF `rotate_half` layout)."""
+    """cos and signed sin of shape [length, head_dim] in fp32, halves duplicated (HF `rotate_half` layout)."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     scale = 1.0
@@ -78,16 +78,14 @@ def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tens
         inv_freq, scale = _yarn_inv_freq(cfg, inv_freq)
     t = torch.arange(length, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos() * scale, emb.sin() * scale
+    # sin carries rotate_half's sign: rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]
+    return torch.cat([freqs, freqs], dim=-1).cos() * scale, torch.cat([-freqs, freqs], dim=-1).sin() * scale
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D] already in x's dtype."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos, signed_sin: [T, D] from rope_tables, already in x's dtype.
+    Equals HF's x * cos + rotate_half(x) * sin, in 4 ops instead of 7 (this runs 16 times per decoded token)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class MLP(nn.Module):

@@ -24,11 +24,18 @@ class LayerKV:
         self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v [B, kv, T, D] at pos and return views of everything cached so far."""
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
+    def update(self, at: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, kv, T, D] at position `at` and return the keys/values to attend to.
+
+        `at` an int: views of positions 0..at+T. `at` a tensor of T positions (static-shape decoding under
+        torch.compile): the whole buffers, whose unwritten tail the caller masks out."""
+        if isinstance(at, torch.Tensor):
+            self.k.index_copy_(2, at, k)
+            self.v.index_copy_(2, at, v)
+            return self.k, self.v
+        end = at + k.shape[2]
+        self.k[:, :, at:end] = k
+        self.v[:, :, at:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
@@ -64,21 +71,18 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None, pos: int
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: LayerKV | None, at, mask
     ) -> torch.Tensor:
+        """x [B, T, C]; cos/sin [T, D]; kv and `at` (see LayerKV.update); mask: None (causal) or [T, keys] bool."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, KV, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            k, v = kv.update(pos, k, v)  # [B, KV, pos+T, D]
-        mask, causal = None, T > 1
-        if causal and pos > 0:  # chunked prefill: query i sees keys 0..pos+i
-            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-            causal = False
+            k, v = kv.update(at, k, v)  # [B, KV, keys, D]
         gqa = self.n_kv != self.n_heads  # SDPA shares each k/v head among n_heads / n_kv query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -90,8 +94,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv: LayerKV | None, pos: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos)
+    def forward(self, x, cos, sin, kv: LayerKV | None, at, mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, at, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -144,21 +148,39 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch, max_len, dtype or p.dtype, p.device)
 
     def forward(
-        self, ids: torch.Tensor, cache: KVCache | None = None, last_only: bool = False, return_hidden: bool = False
+        self,
+        ids: torch.Tensor,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        return_hidden: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> Output:
         """ids: [B, T] token ids. With a cache, positions continue from cache.pos and the cache advances.
+
+        positions [T] (with a cache): write and attend at these positions over the whole cache, with shapes that
+        never change, so one torch.compile graph serves every decoding step; the caller tracks the position.
         return_hidden skips lm_head and returns the final hidden states, for losses that apply lm_head.weight
         themselves in chunks (train/losses.py)."""
         B, T = ids.shape
-        pos = cache.pos if cache is not None else 0
-        if pos + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds max_position_embeddings")
         x = self.model.embed_tokens(ids)  # [B, T, C]
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        cos, sin = self.rope_cos[pos : pos + T].to(dtype), self.rope_sin[pos : pos + T].to(dtype)
+        mask = None
+        if positions is not None:
+            assert cache is not None, "positions are for decoding with a cache"
+            cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+            keys = torch.arange(cache.max_len, device=ids.device)
+            mask = keys[None, :] <= positions[:, None]  # [T, max_len]
+            at: int | torch.Tensor = positions
+        else:
+            at = cache.pos if cache is not None else 0
+            if at + T > self.config.max_position_embeddings:
+                raise ValueError(f"sequence of {at + T} tokens exceeds max_position_embeddings")
+            cos, sin = self.rope_cos[at : at + T].to(dtype), self.rope_sin[at : at + T].to(dtype)
+            if at > 0 and T > 1:  # chunked prefill: query i sees keys 0..at+i
+                mask = torch.ones(T, at + T, dtype=torch.bool, device=x.device).tril(diagonal=at)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos)
-        if cache is not None:
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, at, mask)
+        if cache is not None and positions is None:
             cache.pos += T
         x = self.model.norm(x)
         if return_hidden:
