@@ -70,7 +70,9 @@ def _decode_step(model: Transformer, compile: bool):
         return lambda ids, cache, positions: model(ids, cache, last_only=True).logits
     if model not in _compiled_steps:
         fn = lambda ids, cache, positions: model(ids, cache, last_only=True, positions=positions).logits  # noqa: E731
-        _compiled_steps[model] = torch.compile(fn, dynamic=False, fullgraph=True)
+        # on CPU, inductor's autotuned matrix-vector kernels beat its defaults (bf16: 2.55 vs 2.8 ms per token)
+        mode = "max-autotune-no-cudagraphs" if next(model.parameters()).device.type == "cpu" else None
+        _compiled_steps[model] = torch.compile(fn, dynamic=False, fullgraph=True, mode=mode)
     return _compiled_steps[model]
 
 
@@ -121,8 +123,8 @@ class GenerateConfig(SamplingConfig):
 def main(argv: list[str] | None = None) -> None:
     from nanomind import checkpoint
     from nanomind.config import parse
+    from nanomind.device import resolve_device
     from nanomind.tokenizer import StreamDecoder, Tokenizer
-    from nanomind.train.loop import resolve_device
 
     cfg = parse(GenerateConfig, argv, "nanomind generate", __doc__.splitlines()[0])
     tok = Tokenizer.load(checkpoint.tokenizer_dir(cfg.ckpt))

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from nanomind.config import arg, parse
+from nanomind.jsonl import BadLines, read_jsonl
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -187,7 +188,6 @@ def tokenizer_files(directory: str | Path) -> list[str]:
 def _training_texts(cfg: TokenizerTrainConfig, heldout: list[str]) -> Iterator[str]:
     """Stream the training texts; every Nth record goes to `heldout` instead (deterministic)."""
     # Function-level import: data.py sits above tokenizer.py in the import order (it imports torch).
-    from nanomind.data import BadLines, read_jsonl
 
     every = round(1 / cfg.heldout_fraction) if cfg.heldout_fraction > 0 else 0
     bad, chars, held_chars, capped = BadLines(), 0, 0, False

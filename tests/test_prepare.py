@@ -13,14 +13,13 @@ import torch
 from conftest import FIXTURES, make_texts, write_jsonl
 
 from nanomind.data import (
-    BadLines,
     PackedBatches,
     PrepareConfig,
     TokenShards,
     eval_batches,
     prepare,
-    read_jsonl,
 )
+from nanomind.jsonl import BadLines, read_jsonl
 from nanomind.tokenizer import Tokenizer
 
 BAD_LINES = [  # (line, reason or None for a good line)

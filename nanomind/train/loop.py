@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from nanomind import checkpoint
 from nanomind.config import arg
+from nanomind.device import autocast
 from nanomind.model import Transformer
 
 Batch = dict[str, torch.Tensor]
@@ -81,22 +82,6 @@ class TrainResult:
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", "val_bpb", ...}
     checkpoint: Path | None = None
     interrupted: bool = False
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -156,8 +141,10 @@ _stop_requested = False
 
 
 def request_stop(*_: Any) -> None:
-    """Finish the current step, write a checkpoint and return (Ctrl-C, SIGTERM)."""
+    """Finish the current step, write a checkpoint and return (Ctrl-C, SIGTERM). A second Ctrl-C quits at once."""
     global _stop_requested
+    if _stop_requested:
+        raise KeyboardInterrupt
     _stop_requested = True
 
 
@@ -306,6 +293,7 @@ def train(
                 t_log, tokens_since_log = now, 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 evaluate()
+                t_log, tokens_since_log = time.perf_counter(), 0  # keep evaluation time out of tokens/s
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 result.checkpoint = save()
             out_of_time = cfg.max_minutes and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes

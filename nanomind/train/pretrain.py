@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from nanomind import checkpoint
 from nanomind.config import arg
 from nanomind.data import PackedBatches, PrepareConfig, TokenShards, eval_batches, prepare
+from nanomind.device import resolve_device
 from nanomind.model import PRESETS, Transformer, describe_presets, preset
 from nanomind.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
-from nanomind.train.loop import TrainConfig, TrainResult, dist_env, resolve_device, train, unwrap
+from nanomind.train.loop import TrainConfig, TrainResult, dist_env, train, unwrap
 from nanomind.train.losses import linear_cross_entropy
 
 
