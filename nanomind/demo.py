@@ -78,6 +78,8 @@ def calibrate_steps(cfg, model_cfg, minutes: float) -> int:
     """Time a few steps on a throwaway model so the LR schedule can end exactly when the time budget does."""
     from nanomind.device import autocast, resolve_device
     from nanomind.model import Transformer
+    from nanomind.train.loop import keep_freed_memory
+    from nanomind.train.pretrain import cross_entropy
 
     device = resolve_device(cfg.device)
     keep_freed_memory()
