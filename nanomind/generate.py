@@ -38,14 +38,16 @@ class SamplingConfig:
             raise ValueError("--max-new-tokens and --top-k must be >= 0")
 
 
-def sample(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None, gen: torch.Generator) -> int:
-    """One token id from logits [V]; `seen` [V] bool marks tokens that the repetition penalty applies to."""
+def sample(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
+    """One token id (0-d tensor) from logits [V]. `seen` [V] bool marks the tokens the repetition penalty applies
+    to; `noise` [V] holds Exp(1) draws: argmax(p / noise) picks token i with probability p_i (the exponential race,
+    the same distribution as multinomial), which needs no generator inside the function, so it can be compiled."""
     logits = logits.float()
     if seen is not None and s.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
     if s.temperature == 0:
-        return int(logits.argmax())
+        return logits.argmax()
     logits = logits / s.temperature
     if s.top_k and s.top_k < logits.numel():
         values, index = torch.topk(logits, s.top_k)  # sorted, largest first
@@ -54,26 +56,35 @@ def sample(logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None, g
     probs = torch.softmax(values, dim=-1)
     if s.top_p < 1.0:
         # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop = probs.cumsum(-1) - probs >= s.top_p
-        probs = probs.masked_fill(drop, 0.0)
-    choice = torch.multinomial(probs, 1, generator=gen)
-    return int(index[choice])
+        probs = probs.masked_fill(probs.cumsum(-1) - probs >= s.top_p, 0.0)
+    return index.gather(0, (probs / noise[: probs.numel()]).argmax().view(1))[0]
 
 
-_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def _step_fn(model: Transformer, s: SamplingConfig, static: bool):
+    """(ids [1, 1], cache, positions [1], seen, noise) -> next token id (0-d): one forward step plus sampling."""
+
+    def step(ids, cache, positions, seen, noise):
+        logits = model(ids, cache, last_only=True, positions=positions if static else None).logits[0, -1]
+        tok = sample(logits, s, seen, noise)
+        seen.index_fill_(0, tok.view(1), True)
+        return tok
+
+    return step
 
 
-def _decode_step(model: Transformer, compile: bool):
-    """One decoding step: (ids [1, 1], cache, positions [1]) -> logits [1, 1, V]. Compiled, it has fixed shapes
-    (the whole cache is attended to with a mask), so a single graph serves every step."""
-    if not compile:
-        return lambda ids, cache, positions: model(ids, cache, last_only=True).logits
-    if model not in _compiled_steps:
-        fn = lambda ids, cache, positions: model(ids, cache, last_only=True, positions=positions).logits  # noqa: E731
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model: Transformer, s: SamplingConfig):
+    """The step compiled with fixed shapes (the whole cache is attended to with a mask), so one graph serves
+    every step; kept per model and sampling settings."""
+    steps = _compiled.setdefault(model, {})
+    key = (s.temperature, s.top_k, s.top_p, s.repetition_penalty)
+    if key not in steps:
         # on CPU, inductor's autotuned matrix-vector kernels beat its defaults (bf16: 2.55 vs 2.8 ms per token)
         mode = "max-autotune-no-cudagraphs" if next(model.parameters()).device.type == "cpu" else None
-        _compiled_steps[model] = torch.compile(fn, dynamic=False, fullgraph=True, mode=mode)
-    return _compiled_steps[model]
+        steps[key] = torch.compile(_step_fn(model, s, static=True), dynamic=False, fullgraph=True, mode=mode)
+    return steps[key]
 
 
 @torch.inference_mode()
@@ -90,23 +101,27 @@ def generate(
     if len(prompt) >= max_len:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in a {max_len}-token context")
     gen = torch.Generator(device=device).manual_seed(s.seed)
+    vocab = model.config.vocab_size
     # compiled steps are specialised to the cache length: round it up so that most calls share one graph
     cache = model.new_cache(1, min(-(-max_len // 256) * 256, limit) if compile else max_len)
-    step = _decode_step(model, compile)
-    seen = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+    step = _compiled_step(model, s) if compile else _step_fn(model, s, static=False)
+    seen = torch.zeros(vocab, dtype=torch.bool, device=device)
     seen[torch.tensor(prompt, device=device)] = True
+    noise = torch.empty(vocab, device=device)
     logits = model(torch.tensor([prompt], device=device), cache, last_only=True).logits[0, -1]
+    tok = sample(logits, s, seen, noise.exponential_(generator=gen))
+    seen[tok] = True
     stops = set() if s.ignore_eos else set(stop_ids)
+    positions = torch.tensor([len(prompt)], device=device)
     for pos in range(len(prompt), max_len):
-        tok = sample(logits, s, seen, gen)
-        if tok in stops:
+        tok_id = int(tok)
+        if tok_id in stops:
             return
-        yield tok
+        yield tok_id
         if pos + 1 >= max_len:
             return
-        seen[tok] = True
-        ids, positions = torch.tensor([[tok]], device=device), torch.tensor([pos], device=device)
-        logits = step(ids, cache, positions)[0, -1]
+        tok = step(tok.view(1, 1), cache, positions, seen, noise.exponential_(generator=gen))
+        positions += 1
         if compile:
             cache.pos = pos + 1  # the static path leaves position bookkeeping to the caller
 

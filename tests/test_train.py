@@ -146,3 +146,17 @@ def test_golden_debug_loss_curve(data_dir, tmp_path):
     assert result.losses == pytest.approx(golden["losses"], rel=1e-4)
     assert curve["val_loss"] == pytest.approx(golden["val_loss"], rel=1e-4)
     assert golden["losses"][-1] < golden["losses"][0] - 1.0  # the curve itself shows learning
+
+
+def test_pretrain_from_jsonl_prepares_once_and_refuses_other_inputs(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", make_texts(200, seed=5))
+    b = write_jsonl(tmp_path / "b.jsonl", make_texts(200, seed=6))
+    out = tmp_path / "run"
+    result = pretrain.run(pretrain.PretrainConfig(data=[str(a)], vocab_size=300, preset="debug", out=str(out),
+                                                  steps=2, batch_size=2, seq_len=16, dtype="fp32", eval_every=0,
+                                                  tensorboard=False))  # fmt: skip
+    assert (out / "tokenizer" / "tokenizer.json").is_file() and (out / "data" / "meta.json").is_file()
+    assert checkpoint.load_config(result.checkpoint).vocab_size == 300
+    with pytest.raises(ValueError, match="was prepared from"):
+        pretrain.run(pretrain.PretrainConfig(data=[str(b)], preset="debug", out=str(out), steps=2, batch_size=2,
+                                             seq_len=16, dtype="fp32", tensorboard=False))  # fmt: skip

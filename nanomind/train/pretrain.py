@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,11 @@ def ensure_prepared(cfg: PretrainConfig) -> Path:
     out = Path(cfg.out)
     prepared = out / "data"
     if (prepared / "meta.json").is_file():
+        meta = json.loads((prepared / "meta.json").read_text())
+        earlier = sorted(str(Path(i["path"]).resolve()) for i in meta["inputs"])
+        if earlier != sorted(str(Path(d).resolve()) for d in cfg.data):
+            raise ValueError(f"{prepared} was prepared from {earlier}, not from --data {cfg.data}; "
+                             "use another --out or delete it")  # fmt: skip
         print(f"using the data prepared earlier in {prepared}")
         return prepared
     tok_dir = cfg.tokenizer
