@@ -81,7 +81,8 @@ def save(
     tmp.rename(final)
     if keep_last > 0:
         for old in step_dirs(run)[:-keep_last]:
-            shutil.rmtree(old)
+            if old != final:  # never the one just written, even if a later-numbered step lies beside it
+                shutil.rmtree(old)
     return final
 
 

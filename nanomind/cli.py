@@ -11,7 +11,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer train": ("nanomind.tokenizer", "train a byte-level BPE tokenizer on jsonl text"),
     "prepare": ("nanomind.data", "tokenize jsonl text into token shards with a validation split"),
     "pretrain": ("nanomind.train.pretrain", "pretrain a model on packed token rows"),
+    "sft": ("nanomind.train.sft", "fine-tune a checkpoint on conversations (packed, loss on assistant turns)"),
+    "inspect sft": ("nanomind.conversations", "show conversations as SFT sees them, trained tokens highlighted"),
     "generate": ("nanomind.generate", "stream a continuation of a prompt from a checkpoint"),
+    "chat": ("nanomind.chat", "chat with a checkpoint in the terminal (or one-shot with --prompt)"),
 }
 
 

@@ -66,8 +66,26 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper(), **kw)
 
 
+def _coerce(name: str, tp: Any, value: Any, source: str) -> Any:
+    """Check a TOML value against the field's type (ints pass for floats, a lone string for a list)."""
+    tp, optional = _unwrap(tp)
+    if value is None and optional:
+        return None
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise ValueError(f"{source}: {name} must be a list of {inner.__name__}, got {value!r}")
+        return [_coerce(name, inner, v, source) for v in items]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ValueError(f"{source}: {name} must be {tp.__name__}, got {value!r}")
+    return value
+
+
 def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Make `cls` from a dict, with a clear error for unknown or missing keys."""
+    """Make `cls` from a dict, with a clear error for unknown or missing keys and wrongly typed values."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(values) - names)
     if unknown:
@@ -82,7 +100,8 @@ def build(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
     ]
     if missing:
         raise ValueError(f"{source}: missing required option(s): {', '.join(_flag(m) for m in missing)}")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(k, hints[k], v, source) for k, v in values.items()})
 
 
 def load_toml(path: str) -> dict[str, Any]:

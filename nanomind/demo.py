@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=cfg.dtype, device=cfg.device, seed=cfg.seed, eval_every=max(1, steps // 10), eval_batches=8,
         save_every=0, keep_last=1, log_every=5, max_minutes=cfg.minutes * 1.5,
     )  # fmt: skip
+    shutil.rmtree(pcfg.out, ignore_errors=True)  # the demo owns this directory: start each demo afresh
     result = run(pcfg)
     from nanomind import checkpoint
 

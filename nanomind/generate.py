@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 import time
-import weakref
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
@@ -72,13 +71,10 @@ def _step_fn(model: Transformer, s: SamplingConfig, static: bool):
     return step
 
 
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _compiled_step(model: Transformer, s: SamplingConfig):
     """The step compiled with fixed shapes (the whole cache is attended to with a mask), so one graph serves
-    every step; kept per model and sampling settings."""
-    steps = _compiled.setdefault(model, {})
+    every step; kept on the model (so it goes when the model goes) per sampling settings."""
+    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
     key = (s.temperature, s.top_k, s.top_p, s.repetition_penalty)
     if key not in steps:
         # on CPU, inductor's autotuned matrix-vector kernels beat its defaults (bf16: 2.55 vs 2.8 ms per token)
@@ -95,6 +91,8 @@ def generate(
     compile: decode with a torch.compile'd step (the first call compiles for a while; later ones are faster)."""
     if not prompt:
         raise ValueError("the prompt must contain at least one token")
+    if s.max_new_tokens == 0:
+        return
     device = next(model.parameters()).device
     limit = model.config.max_position_embeddings
     max_len = min(len(prompt) + s.max_new_tokens, limit)

@@ -32,13 +32,39 @@ SPECIAL_TOKENS = [EOS, IM_START, IM_END, "<think>", "</think>", "<tool_call>", "
     f"<|reserved_{i}|>" for i in range(9)
 ]
 MODEL_MAX_LENGTH = 32768
-# Qwen-style ChatML. `{{- ... }}` strips template whitespace so the output is exactly the strings below.
+# Qwen-style ChatML. `{{- ... }}` strips template whitespace so the output is exactly what render_chat builds.
+# An assistant turn with `reasoning_content` shows it first as <think>\n...\n</think>\n\n (Qwen3's layout).
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' and message.get('reasoning_content') %}"
+    "{{- '<think>\\n' + message['reasoning_content'] + '\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{{- message['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    """The chat template in Python: (text, spans), where spans are the [start, end) character ranges that a model
+    learns to write: each assistant turn's reasoning and content and its closing <|im_end|>. The text equals
+    CHAT_TEMPLATE rendered by transformers' apply_chat_template (a test checks it)."""
+    parts, spans, n = [], [], 0
+    for m in messages:
+        head = f"{IM_START}{m['role']}\n"
+        body = m["content"] + IM_END
+        if m["role"] == "assistant" and m.get("reasoning_content"):
+            body = f"<think>\n{m['reasoning_content']}\n</think>\n\n" + body
+        if m["role"] == "assistant":
+            spans.append((n + len(head), n + len(head) + len(body)))
+        parts += [head, body, "\n"]
+        n += len(head) + len(body) + 1
+    if add_generation_prompt:
+        parts.append(f"{IM_START}assistant\n")
+    return "".join(parts), spans
+
+
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
@@ -129,6 +155,19 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
+        """(ids, trained) for a conversation: `trained[i]` is True for the tokens of assistant turns (reasoning,
+        content and the closing <|im_end|>), the only ones SFT puts a loss on. The ids are those of the whole
+        rendered text, so they equal apply_chat_template's; a token counts as trained when it starts in a span."""
+        text, spans = render_chat(messages)
+        enc = self.backend.encode(text, add_special_tokens=False)
+        trained, j = [], 0
+        for start, _ in enc.offsets:
+            while j < len(spans) and start >= spans[j][1]:
+                j += 1
+            trained.append(j < len(spans) and spans[j][0] <= start)
+        return enc.ids, trained
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]

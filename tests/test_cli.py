@@ -18,8 +18,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanomind"
 LAYERS = {
     "nanomind.config": 0, "nanomind.jsonl": 0, "nanomind.device": 0, "nanomind.tokenizer": 1,
     "nanomind.model": 2, "nanomind.data": 3, "nanomind.checkpoint": 3, "nanomind.generate": 3,
+    "nanomind.conversations": 3,
     "nanomind.train.loop": 4, "nanomind.train.losses": 4,
-    "nanomind.train.pretrain": 5, "nanomind.demo": 6, "nanomind.cli": 7, "nanomind.__main__": 7,
+    "nanomind.train.pretrain": 5, "nanomind.train.sft": 5, "nanomind.chat": 5,
+    "nanomind.demo": 6, "nanomind.cli": 7, "nanomind.__main__": 7,
 }  # fmt: skip
 
 
@@ -96,3 +98,13 @@ def test_config_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse(Example, ["--data", "a", "--name", "z"], "test")
     assert "invalid choice: 'z'" in capsys.readouterr().err
+
+
+def test_toml_values_are_type_checked(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('steps = "20"\ndata = ["a"]\n')
+    with pytest.raises(SystemExit):
+        parse(Example, ["--config", str(toml)], "test")
+    assert "steps must be int, got '20'" in capsys.readouterr().err
+    toml.write_text('data = "one.jsonl"\nlr = 1\n')  # a lone string becomes a list; an int is a fine float
+    assert parse(Example, ["--config", str(toml)], "test") == Example(data=["one.jsonl"], lr=1.0)

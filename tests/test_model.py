@@ -87,3 +87,15 @@ def test_init_scales_residual_projections():
     assert abs(o.std().item() - 0.02 / 4) < 1e-3  # 1/sqrt(2 * 8 layers)
     assert torch.equal(model.model.norm.weight, torch.ones(512))
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_packed_rows_give_the_logits_of_each_document_alone():
+    torch.manual_seed(0)
+    model = Transformer(small()).eval()
+    docs = [torch.randint(0, 300, (n,)) for n in (7, 12, 5)]
+    row = torch.cat(docs + [torch.zeros(4, dtype=torch.long)])[None]  # 4 padding tokens at the end
+    doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)] + [torch.full((4,), -1)])[None]
+    with torch.no_grad():
+        packed = model(row, doc_ids=doc_ids).logits[0]
+        alone = torch.cat([model(d[None]).logits[0] for d in docs])
+    torch.testing.assert_close(packed[:24], alone, atol=1e-5, rtol=1e-5)

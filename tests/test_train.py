@@ -68,23 +68,85 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(data_dir, tmp_path, m
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _one_step(data_dir: Path, out: Path, batch_size: int, grad_accum: int) -> tuple[list[float], dict]:
+def _one_step(data_dir: Path, out: Path, batch_size: int, grad_accum: int, mask: bool = False):
     torch.manual_seed(0)
     model = Transformer(preset("debug", vocab_size=400))
     cfg = TrainConfig(out=str(out), steps=1, batch_size=batch_size, grad_accum=grad_accum, seq_len=32, dtype="fp32",
-                      eval_every=0, save_every=0, tensorboard=False, warmup_steps=1)  # fmt: skip
-    batches = PackedBatches(TokenShards(data_dir, "train"), batch_size, 32, seed=3)
-    result = train(model, cfg, batches, pretrain.cross_entropy)
-    return result.losses, {k: v.clone() for k, v in model.state_dict().items()}
+                      eval_every=0, save_every=0, tensorboard=False, warmup_steps=1, grad_clip=1e9)  # fmt: skip
+    source, g = PackedBatches(TokenShards(data_dir, "train"), 1, 32, seed=3), torch.Generator().manual_seed(0)
+    rows = [source.next() for _ in range(8)]
+    for r in rows if mask else []:  # drop a random share (different per row) of each row's targets
+        r["labels"] = r["labels"].masked_fill(torch.rand(32, generator=g) < torch.rand((), generator=g), -100)
+    result = train(model, cfg, _Fixed(rows, batch_size), pretrain.cross_entropy)
+    return result, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_gradient_accumulation_1x8_equals_8x1(data_dir, tmp_path):
-    loss_a, a = _one_step(data_dir, tmp_path / "a", batch_size=8, grad_accum=1)
-    loss_b, b = _one_step(data_dir, tmp_path / "b", batch_size=1, grad_accum=8)
-    assert loss_a[0] == pytest.approx(loss_b[0], rel=1e-6)
-    for k in a:
+class _Fixed:
+    """Serves 8 prepared one-row batches regrouped into batches of batch_size rows."""
+
+    def __init__(self, rows, batch_size):
+        self.rows, self.batch_size, self.i = rows, batch_size, 0
+
+    def next(self):
+        chunk = self.rows[self.i : self.i + self.batch_size]
+        self.i += self.batch_size
+        out = {k: torch.cat([r[k] for r in chunk]) for k in ("input_ids", "labels")}
+        out["n_targets"] = (out["labels"] != -100).sum()
+        return out
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_gradient_accumulation_1x8_equals_8x1(data_dir, tmp_path, mask):
+    """Same loss and same gradient norm (before clipping) whether 8 rows come at once or one by one; with masked
+    labels the micro-batches hold different numbers of targets and must be weighted by them."""
+    a, pa = _one_step(data_dir, tmp_path / "a", batch_size=8, grad_accum=1, mask=mask)
+    b, pb = _one_step(data_dir, tmp_path / "b", batch_size=1, grad_accum=8, mask=mask)
+    assert a.losses[0] == pytest.approx(b.losses[0], rel=1e-6)
+    assert a.grad_norms[0] == pytest.approx(b.grad_norms[0], rel=1e-5)
+    for k in pa:
         # one AdamW step moves each weight by about lr (1e-3); summation order may move it by a hair more
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-5, rtol=0)
+
+
+def test_resume_keeps_the_random_stream(data_dir, tmp_path, monkeypatch):
+    """A stage that draws random numbers in its loss (dropout, sampling) sees the same draws after a resume."""
+    plain = pretrain.cross_entropy
+    draws: list[float] = []
+
+    def noisy(model, batch):
+        draws.append(torch.rand(()).item())
+        if len(draws) == 3 and stop_early:
+            signal.raise_signal(signal.SIGTERM)
+        return plain(model, batch)
+
+    monkeypatch.setattr(pretrain, "cross_entropy", noisy)
+    stop_early = False
+    run(data_dir, tmp_path / "full", steps=6)
+    full, draws[:] = list(draws), []
+    stop_early = True
+    run(data_dir, tmp_path / "split", steps=6)
+    stop_early = False
+    run(data_dir, tmp_path / "split", steps=6, resume=True)
+    assert draws == full
+
+
+def test_a_used_run_directory_needs_resume(data_dir, tmp_path):
+    run(data_dir, tmp_path, steps=2)
+    with pytest.raises(ValueError, match="pass --resume"):
+        run(data_dir, tmp_path, steps=2)
+
+
+def test_keep_last_never_deletes_the_new_checkpoint(tmp_path):
+    model = Transformer(preset("debug", vocab_size=400))
+    checkpoint.save(tmp_path, 1000, model, keep_last=1)
+    new = checkpoint.save(tmp_path, 950, model, keep_last=1)
+    assert new.is_dir()
 
 
 def test_every_parameter_changes_after_a_step(data_dir, tmp_path):
@@ -96,11 +158,11 @@ def test_every_parameter_changes_after_a_step(data_dir, tmp_path):
 
 
 def test_lr_schedule_hand_computed():
-    cfg = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    cfg = TrainConfig(steps=111, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way through the cosine
-    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4)  # the last step reaches the floor
 
 
 def test_checkpoints_keep_last_and_reload(data_dir, tmp_path):

@@ -154,27 +154,44 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
         positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
     ) -> Output:
         """ids: [B, T] token ids. With a cache, positions continue from cache.pos and the cache advances.
 
         positions [T] (with a cache): write and attend at these positions over the whole cache, with shapes that
         never change, so one torch.compile graph serves every decoding step; the caller tracks the position.
+        doc_ids [B, T] (training on packed rows, no cache): which document each token belongs to; a token attends
+        only to earlier tokens of its own document and positions restart at each document, so a packed row gives
+        the same logits as its documents run one by one.
         return_hidden skips lm_head and returns the final hidden states, for losses that apply lm_head.weight
         themselves in chunks (train/losses.py)."""
         B, T = ids.shape
         x = self.model.embed_tokens(ids)  # [B, T, C]
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         mask = None
-        if positions is not None:
+        if doc_ids is not None:
+            assert cache is None and positions is None, "doc_ids are for training on packed rows"
+            t = torch.arange(T, device=ids.device)
+            new_doc = torch.ones_like(doc_ids, dtype=torch.bool)
+            new_doc[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            start = torch.where(new_doc, t, 0).cummax(dim=1).values  # [B, T] index where each token's doc starts
+            pos = t - start
+            cos, sin = self.rope_cos[pos].to(dtype)[:, None], self.rope_sin[pos].to(dtype)[:, None]  # [B, 1, T, D]
+            same = doc_ids[:, :, None] == doc_ids[:, None, :]
+            mask = (same & (t[:, None] >= t[None, :]))[:, None]  # [B, 1, T, T]: own document, causal
+            at: int | torch.Tensor = 0
+        elif positions is not None:
             assert cache is not None, "positions are for decoding with a cache"
             cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
             keys = torch.arange(cache.max_len, device=ids.device)
             mask = keys[None, :] <= positions[:, None]  # [T, max_len]
-            at: int | torch.Tensor = positions
+            at = positions
         else:
             at = cache.pos if cache is not None else 0
             if at + T > self.config.max_position_embeddings:
                 raise ValueError(f"sequence of {at + T} tokens exceeds max_position_embeddings")
+            if cache is not None and at + T > cache.max_len:
+                raise ValueError(f"the KV cache holds {cache.max_len} tokens; {at + T} do not fit")
             cos, sin = self.rope_cos[at : at + T].to(dtype), self.rope_sin[at : at + T].to(dtype)
             if at > 0 and T > 1:  # chunked prefill: query i sees keys 0..at+i
                 mask = torch.ones(T, at + T, dtype=torch.bool, device=x.device).tril(diagonal=at)

@@ -79,16 +79,17 @@ class TrainConfig:
 class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)  # train loss of every step run in this call
+    grad_norms: list[float] = field(default_factory=list)  # global gradient norm before clipping, per step
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", "val_bpb", ...}
     checkpoint: Path | None = None
     interrupted: bool = False
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to lr, then cosine down to lr * min_lr_ratio at the last step."""
+    """Linear warm-up to lr, then cosine down to lr * min_lr_ratio at the last step (steps - 1)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - 1 - cfg.warmup_steps)  # 1.0 at the last step
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -152,7 +153,9 @@ def measure_peak_flops(device: torch.device, dtype: str, seconds: float = 0.3) -
     """Measured dense matmul FLOP/s of this device and precision: the denominator of MFU."""
     n = 1024 if device.type == "cpu" else 4096
     t = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=t), torch.randn(n, n, device=device, dtype=t)
+    g = torch.Generator(device=device).manual_seed(0)  # private: the training RNG stream must not move
+    a = torch.randn(n, n, device=device, generator=g).to(t)
+    b = torch.randn(n, n, device=device, generator=g).to(t)
     a @ b  # warm-up
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -208,6 +211,9 @@ def train(
             print(f"resumed from {ckpt} at step {step}")
     elif cfg.resume and master:
         print(f"--resume: no checkpoint in {cfg.out} yet, starting from scratch")
+    elif checkpoint.step_dirs(cfg.out):
+        raise ValueError(f"{cfg.out} already holds checkpoints (newest: {checkpoint.step_dirs(cfg.out)[-1].name}); "
+                         "pass --resume to continue that run, or choose another --out")  # fmt: skip
 
     wrapped: torch.nn.Module = model
     if world > 1:
@@ -223,9 +229,13 @@ def train(
     result = TrainResult(step=step)
     info = {**(info or {}), "train_config": asdict(cfg)}
 
-    def save(final: bool = False) -> Path | None:
-        if not master:
-            return None
+    saved_at = -1
+
+    def save() -> Path | None:
+        nonlocal saved_at
+        if not master or saved_at == step:
+            return result.checkpoint  # already written at this step
+        saved_at = step
         state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
                  "rng": rng_state(device)}  # fmt: skip
         return checkpoint.save(cfg.out, step, model, tokenizer_dir, state, cfg.keep_last, info)
@@ -254,6 +264,7 @@ def train(
     try:
         if step == 0 and cfg.eval_every:
             evaluate()  # the starting point of the validation curve
+            t_log = time.perf_counter()
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -261,6 +272,10 @@ def train(
             micro = [batches.next() for _ in range(cfg.grad_accum)]
             weights = [float(b["n_targets"]) if "n_targets" in b else 1.0 for b in micro]
             total_w = sum(weights)
+            if world > 1:  # the global mean over all ranks' targets; DDP then averages, hence the * world below
+                t = torch.tensor(total_w, device=device)
+                dist.all_reduce(t)
+                total_w = t.item() / world
             step_loss = 0.0
             for i, batch in enumerate(micro):
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -279,6 +294,7 @@ def train(
             step += 1
             result.step = step
             result.losses.append(step_loss)
+            result.grad_norms.append(grad_norm)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
@@ -296,11 +312,16 @@ def train(
                 t_log, tokens_since_log = time.perf_counter(), 0  # keep evaluation time out of tokens/s
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 result.checkpoint = save()
-            out_of_time = cfg.max_minutes and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
-            if _stop_requested or out_of_time:
-                result.interrupted = bool(_stop_requested)
+            out_of_time = bool(cfg.max_minutes) and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
+            stop = _stop_requested or out_of_time
+            if world > 1:  # every rank must leave at the same step, or the others hang in the next all-reduce
+                flag = torch.tensor(int(stop), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop:
+                result.interrupted = not out_of_time
                 if master:
-                    why = "stop requested" if _stop_requested else f"--max-minutes {cfg.max_minutes} reached"
+                    why = f"--max-minutes {cfg.max_minutes} reached" if out_of_time else "stop requested"
                     bar.write(f"{why}: saving a checkpoint at step {step}")
                 break
         evaluate()

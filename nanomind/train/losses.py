@@ -19,13 +19,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk: int):  # type: ignore[override]
         n_valid = (labels != -100).sum().clamp(min=1)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # softmax precision: fp32 at least
         w = weight.to(hidden.dtype)
         # d loss / d logits for every row, in the compute dtype: [N, V] (half the size of fp32 logits)
         grad_logits = torch.empty(hidden.shape[0], weight.shape[0], dtype=hidden.dtype, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]
-            logits = (h @ w.T).float()  # [chunk, V]
+            logits = (h @ w.T).to(acc)  # [chunk, V]
             valid = y != -100
             safe_y = y.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -51,11 +52,12 @@ def linear_cross_entropy(
     hidden [N, C], weight [V, C], labels [N] -> scalar. Equal to F.cross_entropy(hidden @ weight.T, labels)
     but computed chunk by chunk (see _ChunkedLinearCrossEntropy); without grad it just evaluates in chunks.
     """
+    assert bool(((labels >= 0) | (labels == -100)).all()), "labels must be token ids or -100 (ignored)"
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
-    w = weight.to(hidden.dtype)
+    w, acc = weight.to(hidden.dtype), torch.promote_types(hidden.dtype, torch.float32)
     total = sum(
-        F.cross_entropy((h @ w.T).float(), y, ignore_index=-100, reduction="sum")
+        F.cross_entropy((h @ w.T).to(acc), y, ignore_index=-100, reduction="sum")
         for h, y in zip(hidden.split(chunk), labels.split(chunk), strict=True)
     )
     return total / (labels != -100).sum().clamp(min=1)

@@ -1,0 +1,245 @@
+"""Chat data for SFT: conversation jsonl -> (ids, trained-token mask) -> rows packed without cross-talk.
+
+A record is {"conversations": [{"role": "system"|"user"|"assistant", "content": ..., "reasoning_content"?: ...}]}.
+Packing puts several whole conversations in a row of seq_len tokens (best-fit decreasing, so little is wasted);
+`doc_ids` tell the model where each starts, and it attends within a conversation only (model/transformer.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nanomind.jsonl import BadLines
+from nanomind.tokenizer import Tokenizer
+
+ROLES = {"system", "user", "assistant"}
+
+
+def _check(record: object, placeholders: dict[str, str]) -> tuple[list[dict] | None, str]:
+    """(messages, "") for a usable record, else (None, reason). Fills {{name}}-style placeholders."""
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return None, "missing or empty 'conversations' list"
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or t.get("role") not in ROLES or not isinstance(t.get("content"), str):
+            return None, f"turn {i} needs a role in {sorted(ROLES)} and a string content"
+        m = {"role": t["role"], "content": t["content"]}
+        if isinstance(t.get("reasoning_content"), str) and t["reasoning_content"] and t["role"] == "assistant":
+            m["reasoning_content"] = t["reasoning_content"]
+        for key, value in placeholders.items():
+            for k in ("content", "reasoning_content"):
+                if k in m:
+                    m[k] = m[k].replace("{{" + key + "}}", value)
+        messages.append(m)
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return None, "no assistant turn with content"
+    return messages, ""
+
+
+def read_conversations(
+    path: str, report: BadLines, placeholders: dict[str, str] | None = None
+) -> Iterator[tuple[int, list[dict]]]:
+    """Yield (line number, messages) for each usable record; count and report the others. Streams."""
+    with open(path, "rb") as fh:
+        for line_no, line in enumerate(fh, 1):
+            try:
+                record = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                report.add(path, line_no, "blank line" if not line.strip() else "invalid JSON")
+                continue
+            messages, reason = _check(record, placeholders or {})
+            if messages is None:
+                report.add(path, line_no, reason)
+            else:
+                yield line_no, messages
+
+
+@dataclass
+class ChatData:
+    """Encoded conversations: ids and trained masks, plus what was cut or left out."""
+
+    ids: list[np.ndarray] = field(default_factory=list)
+    trained: list[np.ndarray] = field(default_factory=list)
+    truncated: int = 0  # cut at a turn boundary to fit
+    dropped: int = 0  # even the first exchange did not fit
+    bad: BadLines = field(default_factory=BadLines)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.ids)} conversations, {sum(len(i) for i in self.ids):,} tokens, "
+                 f"{sum(int(t.sum()) for t in self.trained):,} trained; {self.truncated} truncated at a turn, "
+                 f"{self.dropped} dropped as too long"]  # fmt: skip
+        if self.bad.total:
+            lines.append(self.bad.summary())
+        return "\n".join(lines)
+
+
+def _fit(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[bool], bool] | None:
+    """Encode; when too long, keep the longest prefix that ends with an assistant turn and fits."""
+    ids, trained = tok.encode_chat(messages)
+    if len(ids) <= max_len:
+        return ids, trained, False
+    for end in range(len(messages) - 1, 0, -1):
+        if messages[end - 1]["role"] == "assistant":
+            ids, trained = tok.encode_chat(messages[:end])
+            if len(ids) <= max_len:
+                return ids, trained, True
+    return None
+
+
+def load_chat(files: list[str], tok: Tokenizer, max_len: int, placeholders: dict[str, str] | None = None) -> ChatData:
+    """Read and encode every conversation of `files`; over-long ones are truncated at a turn boundary or dropped."""
+    data = ChatData()
+    for path in files:
+        before, dropped_before = len(data.ids), data.dropped
+        for _, messages in read_conversations(path, data.bad, placeholders):
+            fitted = _fit(tok, messages, max_len)
+            if fitted is None:
+                data.dropped += 1
+                continue
+            ids, trained, cut = fitted
+            data.truncated += cut
+            data.ids.append(np.asarray(ids, dtype=np.int64))
+            data.trained.append(np.asarray(trained, dtype=bool))
+        if len(data.ids) == before and data.dropped == dropped_before:
+            raise ValueError(f"{path}: no usable conversation\n{data.bad.summary()}")
+    return data
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each item (longest first) goes to the open row with the least room that still fits
+    it. Returns rows as lists of item indices; every item appears exactly once."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # sorted (free positions, row index)
+    for i in order:
+        k = bisect.bisect_left(room, (lengths[i], -1))
+        if k < len(room):
+            free, r = room.pop(k)
+        else:
+            free, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if free - lengths[i] > 0:
+            bisect.insort(room, (free - lengths[i], r))
+    return rows
+
+
+def make_row(data: ChatData, items: list[int], seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input ids, labels, doc ids) [seq_len] for conversations `items` laid end to end; the tail is padding
+    (doc id -1, no labels). A label is the next token of the same conversation when that token is trained."""
+    ids = np.zeros(seq_len, dtype=np.int64)
+    labels = np.full(seq_len, -100, dtype=np.int64)
+    docs = np.full(seq_len, -1, dtype=np.int64)
+    n = 0
+    for d, i in enumerate(items):
+        x, t = data.ids[i], data.trained[i]
+        ids[n : n + len(x)] = x
+        labels[n : n + len(x) - 1] = np.where(t[1:], x[1:], -100)
+        docs[n : n + len(x)] = d
+        n += len(x)
+    return ids, labels, docs
+
+
+class ChatBatches:
+    """Endless SFT batches (the loop's BatchSource). packed: rows of several conversations with doc_ids; not
+    packed: one conversation per row, padded to seq_len (the way minimind does it; kept for comparison).
+    Each epoch visits every row once in an order seeded by (seed, epoch); rank r of world takes rows r::world."""
+
+    def __init__(self, data: ChatData, batch_size: int, seq_len: int, seed: int, packed: bool = True,
+                 rank: int = 0, world_size: int = 1):  # fmt: skip
+        lengths = [len(i) for i in data.ids]
+        if not lengths:
+            raise ValueError("no conversations to train on")
+        self.rows = pack(lengths, seq_len) if packed else [[i] for i in range(len(lengths))]
+        self.data, self.batch_size, self.seq_len, self.seed, self.packed = data, batch_size, seq_len, seed, packed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
+
+    def fill(self) -> float:
+        """Fraction of row positions that hold conversation tokens (1 - padding waste)."""
+        return sum(len(i) for i in self.data.ids) / (len(self.rows) * self.seq_len)
+
+    def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        parts = [make_row(self.data, r, self.seq_len) for r in rows]
+        ids, labels, docs = (torch.from_numpy(np.stack(p)) for p in zip(*parts, strict=True))
+        out = {"input_ids": ids, "labels": labels, "n_targets": (labels != -100).sum()}
+        if self.packed:
+            out["doc_ids"] = docs
+        return out
+
+    def next(self) -> dict[str, torch.Tensor]:
+        chosen = []
+        for k in range(self.world_size * self.batch_size):
+            if self._order[0] != self.epoch:
+                self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows)))
+            if k % self.world_size == self.rank:
+                chosen.append(self.rows[self._order[1][self.position]])
+            self.position += 1
+            if self.position == len(self.rows):
+                self.epoch, self.position = self.epoch + 1, 0
+        return self.batch(chosen)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "rows": len(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["rows"] != len(self.rows):
+            raise ValueError(f"cannot resume: the data cursor has {state['rows']} rows, this data {len(self.rows)}")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+@dataclass
+class InspectConfig:
+    data: list[str] = field(default_factory=list, metadata={"help": "conversation jsonl files"})
+    tokenizer: str = field(default="", metadata={"help": "tokenizer (or checkpoint) directory"})
+    index: int = field(default=0, metadata={"help": "which usable conversation to show (0 = the first)"})
+    count: int = field(default=1, metadata={"help": "how many conversations to show"})
+    seq_len: int = field(default=512, metadata={"help": "row length, for the truncation SFT would apply"})
+    color: bool = field(default=True, metadata={"help": "highlight trained tokens in color on a terminal"})
+
+
+def show(tok: Tokenizer, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
+    """The rendered conversation with the tokens SFT trains on marked: green on a terminal, else in ⟦ ⟧."""
+    on, off = ("\x1b[42m\x1b[30m", "\x1b[0m") if color else ("⟦", "⟧")
+    out, i = [], 0
+    while i < len(ids):
+        j = i
+        while j < len(ids) and trained[j] == trained[i]:
+            j += 1
+        text = tok.decode(ids[i:j].tolist())
+        out.append(on + text + off if trained[i] else text)
+        i = j
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """nanomind inspect sft: print conversations as the model sees them, trained tokens highlighted."""
+    import sys
+    from pathlib import Path
+
+    from nanomind.config import parse
+
+    cfg = parse(InspectConfig, argv, "nanomind inspect sft", "Show the SFT loss mask of conversations.")
+    if not cfg.data or not cfg.tokenizer:
+        raise ValueError("give --data and --tokenizer")
+    from nanomind import checkpoint
+
+    plain = (Path(cfg.tokenizer) / "tokenizer.json").is_file()
+    tok = Tokenizer.load(cfg.tokenizer if plain else checkpoint.tokenizer_dir(cfg.tokenizer))
+    data = load_chat(cfg.data, tok, cfg.seq_len)
+    color = cfg.color and sys.stdout.isatty()
+    for k in range(cfg.index, min(cfg.index + cfg.count, len(data.ids))):
+        ids, trained = data.ids[k], data.trained[k]
+        print(f"--- conversation {k}: {len(ids)} tokens, {int(trained.sum())} trained ---")
+        print(show(tok, ids, trained, color))
+    print(data.summary())
