@@ -3,23 +3,22 @@
     nanomind demo                       # built-in corpus: Python's own help topics and standard-library docstrings
     nanomind demo --data corpus.jsonl   # any {"text": ...} jsonl instead
 
-Trains a tokenizer, prepares token shards, pretrains the `tiny` preset for --minutes, and prints a sample
-before and after training with the validation bits-per-byte curve.
+Trains a tokenizer, prepares token shards, pretrains the `tiny` preset for --minutes, prints a sample before and
+after training with the validation bits-per-byte curve, then fine-tunes it to chat (SFT) on questions about
+Python's documentation plus identity conversations, and prints its answers to three questions.
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import shutil
-import sysconfig
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from nanomind.config import arg
+from nanomind.demo_data import python_chats, write_builtin_corpus, write_jsonl
 
 
 @dataclass
@@ -27,6 +26,7 @@ class DemoConfig:
     data: list[str] = arg([], '{"text"} jsonl files (default: the built-in corpus made from Python\'s own docs)')
     out: str = arg("runs/demo", "where the corpus, tokenizer, data and checkpoints go")
     minutes: float = arg(5.0, "pretraining time budget; the step count is sized to fit it")
+    sft_minutes: float = arg(2.0, "chat fine-tuning (SFT) time budget (0 = skip SFT)")
     preset: str = arg("tiny", "model size")
     vocab_size: int = arg(4096, "tokenizer vocabulary")
     batch_size: int = arg(16, "rows per step")
@@ -35,44 +35,15 @@ class DemoConfig:
     dtype: str = arg("bf16", "bf16 autocast or fp32", choices=["bf16", "fp32"])
     device: str = arg("auto", "cpu, cuda, mps or auto")
     prompt: str = arg("The list", "prompt for the before/after samples")
+    questions: list[str] = arg(
+        ["Who are you?", "What is the with statement?", "Explain the json module in Python."],
+        "questions for the chat model after SFT",
+    )
     seed: int = arg(1337, "seed")
 
     def __post_init__(self) -> None:
-        if self.minutes <= 0:
-            raise ValueError(f"--minutes must be > 0, got {self.minutes}")
-
-
-def python_docs(max_bytes: int = 3_000_000) -> list[str]:
-    """English prose that ships with every Python: the help() topics and the docstrings of the standard
-    library (read with ast, never imported), in a fixed order."""
-    from pydoc_data.topics import topics
-
-    texts = [topics[k].strip() for k in sorted(topics)]
-    size = sum(len(t) for t in texts)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "idlelib", "site-packages", "lib2to3", "tkinter", "turtledemo", "ensurepip"}
-    for path in sorted(stdlib.rglob("*.py")):
-        if skip.intersection(path.relative_to(stdlib).parts) or size >= max_bytes:
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue  # a few stdlib files are templates or deliberately broken
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= 200:
-                    texts.append(doc.strip())
-                    size += len(doc)
-    return texts
-
-
-def write_builtin_corpus(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for text in python_docs():
-            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    return path
+        if self.minutes <= 0 or self.sft_minutes < 0:
+            raise ValueError(f"--minutes must be > 0 and --sft-minutes >= 0, got {self.minutes}, {self.sft_minutes}")
 
 
 def calibrate_steps(cfg, model_cfg, minutes: float) -> int:
@@ -129,23 +100,23 @@ def main(argv: list[str] | None = None) -> None:
     data = cfg.data
     if not data:
         corpus = write_builtin_corpus(out / "corpus.jsonl")
-        print(f"[1/5] built-in corpus: Python's help topics and stdlib docstrings -> {corpus} "
+        print(f"[1/6] built-in corpus: Python's help topics and stdlib docstrings -> {corpus} "
               f"({corpus.stat().st_size / 1e6:.1f} MB)")  # fmt: skip
         data = [str(corpus)]
     else:
-        print(f"[1/5] corpus: {', '.join(data)}")
+        print(f"[1/6] corpus: {', '.join(data)}")
     tok_dir = out / "tokenizer"
-    print(f"[2/5] training a {cfg.vocab_size}-token BPE tokenizer -> {tok_dir}")
+    print(f"[2/6] training a {cfg.vocab_size}-token BPE tokenizer -> {tok_dir}")
     train_tokenizer(TokenizerTrainConfig(data=data, vocab_size=cfg.vocab_size, out=str(tok_dir)))
     tok = Tokenizer.load(tok_dir)
-    print(f"[3/5] preparing token shards -> {out / 'data'}")
+    print(f"[3/6] preparing token shards -> {out / 'data'}")
     prepare(PrepareConfig(data=data, tokenizer=str(tok_dir), out=str(out / "data")))
 
     model_cfg = preset(cfg.preset, vocab_size=tok.vocab_size)
     torch.manual_seed(cfg.seed)
     before = sample_text(Transformer(model_cfg), tok, cfg.prompt, cfg.seed)
     steps = calibrate_steps(cfg, model_cfg, cfg.minutes)
-    print(f"[4/5] pretraining `{cfg.preset}` ({model_cfg.num_params() / 1e6:.1f}M parameters) for {steps} steps "
+    print(f"[4/6] pretraining `{cfg.preset}` ({model_cfg.num_params() / 1e6:.1f}M parameters) for {steps} steps "
           f"(about {cfg.minutes:g} minutes)")  # fmt: skip
     pcfg = PretrainConfig(
         data=[str(out / "data")], preset=cfg.preset, out=str(out / "pretrain"), steps=steps,
@@ -159,13 +130,48 @@ def main(argv: list[str] | None = None) -> None:
 
     model = checkpoint.load_model(result.checkpoint)  # type: ignore[arg-type]
     after = sample_text(model, tok, cfg.prompt, cfg.seed)
-    print("[5/5] results")
     print(f"\nbefore training:\n  {before!r}\n\nafter training:\n  {after!r}\n")
     print("validation bits per byte:")
     for e in result.evals:
         print(f"  step {int(e['step']):>6}  {e['val_bpb']:.3f}")
     bpb = [e["val_bpb"] for e in result.evals]
     print(f"  curve {sparkline(bpb)}  {bpb[0]:.3f} -> {bpb[-1]:.3f}")
-    print(f"\ncheckpoint: {result.checkpoint}")
-    print(f"try: nanomind generate --ckpt {result.checkpoint} --prompt {cfg.prompt!r}")
+    print(f"\npretrained checkpoint: {result.checkpoint}")
+    final = result.checkpoint
+    if cfg.sft_minutes > 0:
+        final = chat_stage(cfg, out, model_cfg, result.checkpoint)
+    print(f"\ntry: nanomind generate --ckpt {result.checkpoint} --prompt {cfg.prompt!r}")
+    if cfg.sft_minutes > 0:
+        print(f"     nanomind chat --ckpt {final}")
     print(f"total time {(time.perf_counter() - t_start) / 60:.1f} minutes")
+
+
+def chat_stage(cfg: DemoConfig, out: Path, model_cfg, pretrained: Path) -> Path:
+    """SFT on the built-in chat data, then three questions."""
+    from nanomind import checkpoint
+    from nanomind.chat import ChatConfig, Session
+    from nanomind.tokenizer import Tokenizer
+    from nanomind.train.sft import SFTConfig, run
+
+    chats = write_jsonl(out / "chats.jsonl", [{"conversations": c} for c in python_chats()])
+    seq_len = 256
+    steps = calibrate_steps(replace(cfg, seq_len=seq_len), model_cfg, cfg.sft_minutes)
+    print(f"[5/6] chat fine-tuning (SFT) on {chats} for {steps} steps (about {cfg.sft_minutes:g} minutes)")
+    scfg = SFTConfig(
+        init=str(pretrained), data=[str(chats)], out=str(out / "sft"), steps=steps, batch_size=cfg.batch_size,
+        seq_len=seq_len, lr=cfg.lr / 3, warmup_steps=max(5, steps // 20), dtype=cfg.dtype, device=cfg.device,
+        seed=cfg.seed, eval_every=max(1, steps // 4), eval_batches=4, save_every=0, keep_last=1, log_every=5,
+        max_minutes=cfg.sft_minutes * 1.5, val_fraction=0.05,
+    )  # fmt: skip
+    shutil.rmtree(scfg.out, ignore_errors=True)
+    result = run(scfg)
+    print("[6/6] questions for the chat model")
+    model = checkpoint.load_model(result.checkpoint).eval()  # type: ignore[arg-type]
+    tok = Tokenizer.load(checkpoint.tokenizer_dir(result.checkpoint))  # type: ignore[arg-type]
+    session = Session(model, tok, ChatConfig(ckpt=str(result.checkpoint), max_new_tokens=80, temperature=0.7,
+                                             top_k=40, repetition_penalty=1.2, seed=cfg.seed))  # fmt: skip
+    for q in cfg.questions:
+        print(f"\nyou> {q}\nbot> ", end="")
+        session.reply(q)
+        session.history = []  # each question on its own
+    return result.checkpoint  # type: ignore[return-value]

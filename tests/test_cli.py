@@ -19,9 +19,10 @@ LAYERS = {
     "nanomind.config": 0, "nanomind.jsonl": 0, "nanomind.device": 0, "nanomind.tokenizer": 1,
     "nanomind.model": 2, "nanomind.data": 3, "nanomind.checkpoint": 3, "nanomind.generate": 3,
     "nanomind.conversations": 3,
-    "nanomind.train.loop": 4, "nanomind.train.losses": 4,
+    "nanomind.train.loop": 4, "nanomind.train.losses": 4, "nanomind.eval": 4, "nanomind.eval_choice": 4,
+    "nanomind.report": 4, "nanomind.plot": 4,
     "nanomind.train.pretrain": 5, "nanomind.train.sft": 5, "nanomind.chat": 5,
-    "nanomind.demo": 6, "nanomind.cli": 7, "nanomind.__main__": 7,
+    "nanomind.demo_data": 5, "nanomind.demo": 6, "nanomind.cli": 7, "nanomind.__main__": 7,
 }  # fmt: skip
 
 

@@ -241,7 +241,7 @@ def train(
         return checkpoint.save(cfg.out, step, model, tokenizer_dir, state, cfg.keep_last, info)
 
     def evaluate() -> None:
-        if eval_fn is None or not master:
+        if eval_fn is None or not master or (result.evals and result.evals[-1]["step"] == step):
             return
         model.eval()
         with torch.no_grad(), autocast(device, cfg.dtype):
