@@ -26,7 +26,7 @@ class DemoConfig:
     data: list[str] = arg([], '{"text"} jsonl files (default: the built-in corpus made from Python\'s own docs)')
     out: str = arg("runs/demo", "where the corpus, tokenizer, data and checkpoints go")
     minutes: float = arg(5.0, "pretraining time budget; the step count is sized to fit it")
-    sft_minutes: float = arg(2.0, "chat fine-tuning (SFT) time budget (0 = skip SFT)")
+    sft_minutes: float = arg(2.0, "chat fine-tuning (SFT) time budget, at most 4 passes over the data (0 = skip)")
     preset: str = arg("tiny", "model size")
     vocab_size: int = arg(4096, "tokenizer vocabulary")
     batch_size: int = arg(16, "rows per step")
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     shutil.rmtree(pcfg.out, ignore_errors=True)  # the demo owns this directory: start each demo afresh
     result = run(pcfg)
+    if result.interrupted:
+        print(f"interrupted: checkpoint saved at {result.checkpoint}")
+        return
     from nanomind import checkpoint
 
     model = checkpoint.load_model(result.checkpoint)  # type: ignore[arg-type]
@@ -150,13 +153,18 @@ def chat_stage(cfg: DemoConfig, out: Path, model_cfg, pretrained: Path) -> Path:
     """SFT on the built-in chat data, then three questions."""
     from nanomind import checkpoint
     from nanomind.chat import ChatConfig, Session
+    from nanomind.conversations import load_chat, pack
     from nanomind.tokenizer import Tokenizer
     from nanomind.train.sft import SFTConfig, run
 
     chats = write_jsonl(out / "chats.jsonl", [{"conversations": c} for c in python_chats()])
     seq_len = 256
     steps = calibrate_steps(replace(cfg, seq_len=seq_len), model_cfg, cfg.sft_minutes)
-    print(f"[5/6] chat fine-tuning (SFT) on {chats} for {steps} steps (about {cfg.sft_minutes:g} minutes)")
+    # more than ~4 passes over this small chat set only overfits (measured: held-out loss 3.30 after 4 passes,
+    # 3.96 after 16), so the time budget is an upper bound
+    lengths = [len(i) for i in load_chat([str(chats)], Tokenizer.load(out / "tokenizer"), seq_len).ids]
+    steps = min(steps, max(20, 4 * len(pack(lengths, seq_len)) // cfg.batch_size))
+    print(f"[5/6] chat fine-tuning (SFT) on {chats} for {steps} steps (at most {cfg.sft_minutes:g} minutes)")
     scfg = SFTConfig(
         init=str(pretrained), data=[str(chats)], out=str(out / "sft"), steps=steps, batch_size=cfg.batch_size,
         seq_len=seq_len, lr=cfg.lr / 3, warmup_steps=max(5, steps // 20), dtype=cfg.dtype, device=cfg.device,
