@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("nanomind.train.sft", "fine-tune a checkpoint on conversations (packed, loss on assistant turns)"),
     "inspect sft": ("nanomind.conversations", "show conversations as SFT sees them, trained tokens highlighted"),
     "generate": ("nanomind.generate", "stream a continuation of a prompt from a checkpoint"),
+    "eval ppl": ("nanomind.eval", "loss, perplexity and bits per byte of a checkpoint on jsonl text"),
+    "eval choice": ("nanomind.eval_choice", "multiple-choice accuracy (C-Eval / CMMLU format), per subject"),
+    "eval compare": ("nanomind.report", "put eval results side by side: Markdown table and PNG bar chart"),
+    "plot": ("nanomind.plot", "plot the loss and validation curves of training runs to PNG"),
     "chat": ("nanomind.chat", "chat with a checkpoint in the terminal (or one-shot with --prompt)"),
 }
 
@@ -47,5 +51,9 @@ def main(argv: list[str] | None = None) -> None:
             except KeyboardInterrupt:
                 raise SystemExit(130) from None
             return
+    group = [n for n in COMMANDS if n.startswith(args[0] + " ")]
+    if group:  # `nanomind eval` alone: list its subcommands
+        print(f"nanomind {args[0]}: choose one of: {', '.join(group)}", file=sys.stderr)
+        raise SystemExit(2)
     print(f"nanomind: unknown command {' '.join(args[:2])!r}\n\n{usage()}", file=sys.stderr)
     raise SystemExit(2)

@@ -68,6 +68,8 @@ def test_pretrain_help_lists_every_flag_and_preset_sizes():
 def test_unknown_command_is_a_clear_error():
     out = subprocess.run([sys.executable, "-m", "nanomind", "pretrian"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown command 'pretrian'" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "nanomind", "eval"], capture_output=True, text=True)
+    assert out.returncode == 2 and "eval ppl, eval choice, eval compare" in out.stderr
 
 
 @dataclass
