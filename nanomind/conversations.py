@@ -8,23 +8,20 @@ Packing puts several whole conversations in a row of seq_len tokens (best-fit de
 from __future__ import annotations
 
 import bisect
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from nanomind.jsonl import BadLines
+from nanomind.jsonl import BadLines, read_objects
 from nanomind.tokenizer import Tokenizer
 
 ROLES = {"system", "user", "assistant"}
 
 
-def _check(record: object, placeholders: dict[str, str]) -> tuple[list[dict] | None, str]:
+def _check(record: dict, placeholders: dict[str, str]) -> tuple[list[dict] | None, str]:
     """(messages, "") for a usable record, else (None, reason). Fills {{name}}-style placeholders."""
-    if not isinstance(record, dict):
-        return None, "not a JSON object"
     turns = record.get("conversations")
     if not isinstance(turns, list) or not turns:
         return None, "missing or empty 'conversations' list"
@@ -49,18 +46,12 @@ def read_conversations(
     path: str, report: BadLines, placeholders: dict[str, str] | None = None
 ) -> Iterator[tuple[int, list[dict]]]:
     """Yield (line number, messages) for each usable record; count and report the others. Streams."""
-    with open(path, "rb") as fh:
-        for line_no, line in enumerate(fh, 1):
-            try:
-                record = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                report.add(path, line_no, "blank line" if not line.strip() else "invalid JSON")
-                continue
-            messages, reason = _check(record, placeholders or {})
-            if messages is None:
-                report.add(path, line_no, reason)
-            else:
-                yield line_no, messages
+    for line_no, record in read_objects(path, report):
+        messages, reason = _check(record, placeholders or {})
+        if messages is None:
+            report.add(path, line_no, reason)
+        else:
+            yield line_no, messages
 
 
 @dataclass

@@ -19,7 +19,6 @@ import json
 import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from nanomind import checkpoint
 from nanomind.config import arg, to_dict
 from nanomind.device import autocast, resolve_device
-from nanomind.jsonl import BadLines
+from nanomind.jsonl import BadLines, read_objects
 from nanomind.model import Transformer
 from nanomind.tokenizer import Tokenizer
 
@@ -64,21 +63,6 @@ class EvalConfig:
 class PplConfig(EvalConfig):
     seq_len: int = arg(0, "targets per window (0 = the model's max_position_embeddings)")
     targets: str = arg("all", "which tokens of conversations to score", choices=["all", "assistant"])
-
-
-def read_records(path: str, report: BadLines) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for each line holding a JSON object; others are counted in `report`."""
-    with open(path, "rb") as fh:
-        for line_no, line in enumerate(fh, 1):
-            try:
-                record = json.loads(line)
-            except (ValueError, UnicodeDecodeError):
-                report.add(path, line_no, "blank line" if not line.strip() else "invalid JSON")
-                continue
-            if isinstance(record, dict):
-                yield line_no, record
-            else:
-                report.add(path, line_no, "not a JSON object")
 
 
 def sample(items: list, limit: int, seed: int) -> list:
@@ -236,7 +220,7 @@ def perplexity(cfg: PplConfig) -> dict[str, Any]:
     for path in cfg.data:
         bad = BadLines()
         docs = []
-        for line_no, record in read_records(path, bad):
+        for line_no, record in read_objects(path, bad):
             doc = _document(record, tok, cfg.targets)
             if isinstance(doc, str):
                 bad.add(path, line_no, doc)

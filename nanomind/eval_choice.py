@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from nanomind.config import arg
-from nanomind.eval import EvalConfig, header, last_logits, load, read_records, sample, sha256, target_nats
-from nanomind.jsonl import BadLines
+from nanomind.eval import EvalConfig, header, last_logits, load, sample, sha256, target_nats
+from nanomind.jsonl import BadLines, read_objects
 from nanomind.model import Transformer
 from nanomind.tokenizer import Tokenizer
 
@@ -98,7 +98,7 @@ def parse_question(record: dict[str, Any], default_subject: str) -> Question | s
 
 def read_questions(path: str, bad: BadLines) -> list[Question]:
     out = []
-    for line_no, record in read_records(path, bad):
+    for line_no, record in read_objects(path, bad):
         q = parse_question(record, Path(path).stem)
         if isinstance(q, str):
             bad.add(path, line_no, q)

@@ -68,3 +68,18 @@ def read_jsonl(
                 report.add(path, line_no, reason)
             else:
                 yield line_no, text
+
+
+def read_objects(path: str, report: BadLines) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each line holding a JSON object; the others are counted in `report`."""
+    with open(path, "rb") as fh:
+        for line_no, line in enumerate(fh, 1):
+            try:
+                record = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                report.add(path, line_no, "blank line" if not line.strip() else "invalid JSON")
+                continue
+            if isinstance(record, dict):
+                yield line_no, record
+            else:
+                report.add(path, line_no, "not a JSON object")
