@@ -105,7 +105,8 @@ def generate(
     step = _compiled_step(model, s) if compile else _step_fn(model, s, static=False)
     seen = torch.zeros(vocab, dtype=torch.bool, device=device)
     seen[torch.tensor(prompt, device=device)] = True
-    noise = torch.empty(vocab, device=device)
+    # Exp(1) draws for the sampling race: as many as there are candidates (top-k of them, else the vocabulary)
+    noise = torch.empty(s.top_k if 0 < s.top_k < vocab else vocab, device=device)
     logits = model(torch.tensor([prompt], device=device), cache, last_only=True).logits[0, -1]
     tok = sample(logits, s, seen, noise.exponential_(generator=gen))
     seen[tok] = True
