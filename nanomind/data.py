@@ -9,7 +9,6 @@ document followed by <|endoftext|>), a `.idx.npy` per shard with the offsets whe
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -26,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from nanomind.config import arg, parse
-from nanomind.jsonl import BadLines, read_jsonl
+from nanomind.jsonl import BadLines, read_jsonl, sha256
 from nanomind.tokenizer import Tokenizer, tokenizer_files
 
 FORMAT = "nanomind-tokens"
@@ -91,14 +90,6 @@ class _ShardWriter:
         if self._fill:
             self._close_shard()
         return {"tokens": self.tokens, "docs": self.docs, "bytes": self.bytes, "shards": self.shards}
-
-
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _batches(cfg: PrepareConfig, stats: list[dict], bad: list[BadLines]) -> Iterator[tuple[list[str], int]]:
@@ -181,7 +172,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         elapsed = time.perf_counter() - start
         splits = {s: w.close() for s, w in writers.items()}
         for info, report, path in zip(stats, bad, cfg.data):
-            info.update(sha256=_sha256(path), bad_lines=report.counts)
+            info.update(sha256=sha256(path), bad_lines=report.counts)
         (tmp / "tokenizer").mkdir()
         for f in tokenizer_files(cfg.tokenizer):
             shutil.copy(f, tmp / "tokenizer")
@@ -191,7 +182,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             "dtype": dtype.name,
             "vocab_size": tok.vocab_size,
             "eos_id": tok.eos_id,
-            "tokenizer_sha256": _sha256(Path(cfg.tokenizer) / "tokenizer.json"),
+            "tokenizer_sha256": sha256(Path(cfg.tokenizer) / "tokenizer.json"),
             "val_fraction": cfg.val_fraction,
             "inputs": stats,
             "splits": splits,

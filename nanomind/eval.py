@@ -14,7 +14,6 @@ on the tokenizer, so models with different tokenizers compare.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -30,7 +29,7 @@ from tqdm import tqdm
 from nanomind import checkpoint
 from nanomind.config import arg, to_dict
 from nanomind.device import autocast, resolve_device
-from nanomind.jsonl import BadLines, read_objects
+from nanomind.jsonl import BadLines, read_objects, sha256
 from nanomind.model import Transformer
 from nanomind.tokenizer import Tokenizer
 
@@ -143,14 +142,6 @@ def target_nats(
                 out[i] = value
             bar.update(len(batch))
     return out
-
-
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load(cfg: EvalConfig) -> tuple[Transformer, Tokenizer, dict[str, Any]]:

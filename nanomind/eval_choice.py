@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from nanomind.config import arg
-from nanomind.eval import EvalConfig, header, last_logits, load, sample, sha256, target_nats
-from nanomind.jsonl import BadLines, read_objects
+from nanomind.eval import EvalConfig, header, last_logits, load, sample, target_nats
+from nanomind.jsonl import BadLines, read_objects, sha256
 from nanomind.model import Transformer
 from nanomind.tokenizer import Tokenizer
 

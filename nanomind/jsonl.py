@@ -3,9 +3,11 @@ their file and line number, and nothing is read into memory at once."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -83,3 +85,12 @@ def read_objects(path: str, report: BadLines) -> Iterator[tuple[int, dict]]:
                 yield line_no, record
             else:
                 report.add(path, line_no, "not a JSON object")
+
+
+def sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces (inputs are recorded with their hash in results and meta.json)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
