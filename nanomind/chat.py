@@ -45,14 +45,18 @@ class Session:
     def prompt_ids(self, user: str) -> list[int]:
         """The rendered history plus the new user turn and the assistant header; the oldest turns are dropped
         when the prompt would leave no room for a reply."""
-        limit = self.model.config.max_position_embeddings - min(self.cfg.max_new_tokens, 256)
+        context = self.model.config.max_position_embeddings
+        limit = context - min(self.cfg.max_new_tokens, context // 2)
         turns = [*self.history, {"role": "user", "content": user}]
         while True:
             system = [{"role": "system", "content": self.system}] if self.system else []
             text, _ = render_chat(system + turns, add_generation_prompt=True)
             ids = self.tok.encode(text + THINK_PREFILL[self.think])
-            if len(ids) <= limit or len(turns) == 1:
-                return ids[-limit:]
+            if len(ids) <= limit:
+                return ids
+            if len(turns) == 1:
+                raise ValueError(f"the message is {len(ids)} tokens with the system prompt; this model reads "
+                                 f"{limit} at most before its reply")  # fmt: skip
             turns = turns[2:]  # forget the oldest exchange
 
     def reply(self, user: str, out=sys.stdout) -> str:
@@ -72,7 +76,10 @@ class Session:
         dt = time.perf_counter() - t0
         print(f"[{n} tokens, {n / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
         answer = "".join(pieces)
-        content = answer.split("</think>", 1)[1].lstrip("\n") if "</think>" in answer else answer
+        if "</think>" in answer:
+            content = answer.split("</think>", 1)[1].lstrip("\n")
+        else:  # a reply cut off inside its reasoning has no answer to remember
+            content = "" if self.think == "on" else answer
         self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": content}]
         return answer
 
@@ -128,4 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if interactive:
             sys.stdout.write("bot> ")
-        session.reply(line)
+        try:
+            session.reply(line)
+        except ValueError as e:  # a message longer than the context: say so and keep the session
+            print(f"({e})")

@@ -79,7 +79,8 @@ def _fit(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int],
     if len(ids) <= max_len:
         return ids, trained, False
     for end in range(len(messages) - 1, 0, -1):
-        if messages[end - 1]["role"] == "assistant":
+        last = messages[end - 1]
+        if last["role"] == "assistant" and (last["content"].strip() or last.get("reasoning_content")):
             ids, trained = tok.encode_chat(messages[:end])
             if len(ids) <= max_len:
                 return ids, trained, True

@@ -60,3 +60,20 @@ def test_chat_reads_one_prompt_per_line_when_not_a_terminal(tokenizer_dir, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("tokens/s]") == 2  # two replies, then /quit stopped it
     assert "system prompt set: Be nice." in proc.stdout
+
+
+def test_history_is_trimmed_and_an_over_long_message_is_refused(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    model = Transformer(preset("debug", vocab_size=tok.vocab_size)).eval()  # 512-token context
+    session = Session(model, tok, ChatConfig(ckpt="unused", max_new_tokens=100))
+    session.history = [{"role": "user", "content": "word " * 150}, {"role": "assistant", "content": "ok " * 150}] * 2
+    ids = session.prompt_ids("last question")
+    assert len(ids) <= 412 and tok.decode(ids).endswith("<|im_start|>user\nlast question<|im_end|>\n"
+                                                        "<|im_start|>assistant\n")  # fmt: skip
+    assert tok.decode(ids).startswith("<|im_start|>user\n")  # whole turns were dropped, not cut
+    try:
+        session.prompt_ids("word " * 1000)
+    except ValueError as e:
+        assert "this model reads 412 at most" in str(e)
+    else:
+        raise AssertionError("an over-long message must be refused")
