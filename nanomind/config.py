@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tomllib
 import types
 import typing
@@ -134,8 +133,3 @@ def parse(cls: type[T], argv: list[str] | None, prog: str, description: str = ""
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def die(message: str) -> typing.NoReturn:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)

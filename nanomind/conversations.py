@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from nanomind.config import arg
 from nanomind.jsonl import BadLines, read_objects
 from nanomind.tokenizer import Tokenizer
 
@@ -192,12 +193,14 @@ class ChatBatches:
 
 @dataclass
 class InspectConfig:
-    data: list[str] = field(default_factory=list, metadata={"help": "conversation jsonl files"})
-    tokenizer: str = field(default="", metadata={"help": "tokenizer (or checkpoint) directory"})
-    index: int = field(default=0, metadata={"help": "which usable conversation to show (0 = the first)"})
-    count: int = field(default=1, metadata={"help": "how many conversations to show"})
-    seq_len: int = field(default=512, metadata={"help": "row length, for the truncation SFT would apply"})
-    color: bool = field(default=True, metadata={"help": "highlight trained tokens in color on a terminal"})
+    data: list[str] = arg([], "conversation jsonl files")
+    tokenizer: str = arg("", "tokenizer (or checkpoint) directory")
+    index: int = arg(0, "which usable conversation to show (0 = the first)")
+    count: int = arg(1, "how many conversations to show")
+    seq_len: int = arg(512, "row length, for the truncation SFT would apply")
+    color: bool = arg(True, "highlight trained tokens in color on a terminal")
+    name: str = arg("nanomind", "fills {{name}} placeholders, as nanomind sft does")
+    author: str = arg("the nanomind project", "fills {{author}} placeholders, as nanomind sft does")
 
 
 def show(tok: Tokenizer, ids: np.ndarray, trained: np.ndarray, color: bool) -> str:
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
 
     plain = (Path(cfg.tokenizer) / "tokenizer.json").is_file()
     tok = Tokenizer.load(cfg.tokenizer if plain else checkpoint.tokenizer_dir(cfg.tokenizer))
-    data = load_chat(cfg.data, tok, cfg.seq_len)
+    data = load_chat(cfg.data, tok, cfg.seq_len, {"name": cfg.name, "author": cfg.author})
     color = cfg.color and sys.stdout.isatty()
     for k in range(cfg.index, min(cfg.index + cfg.count, len(data.ids))):
         ids, trained = data.ids[k], data.trained[k]
