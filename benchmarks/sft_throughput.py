@@ -10,7 +10,6 @@ takes, which is what packing buys: fewer rows for the same conversations.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,20 +29,27 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def measure(batches: ChatBatches, steps: int, warmup: int, seq_len: int) -> dict:
     torch.manual_seed(0)
     model = Transformer(preset("minimind3-30m"))
-    stamps, trained = [], []
+    stamps, trained, positions = [], [], []
 
     def timed(m, b):
         stamps.append(time.perf_counter())
         trained.append(int(b["n_targets"]))
+        positions.append(b["input_ids"].numel())  # packed batches are cut to their longest row
         return sft_loss(m, b)
 
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(out=out, steps=warmup + steps + 1, batch_size=batches.batch_size, seq_len=seq_len,
                           eval_every=0, save_every=0, tensorboard=False, log_every=1000)  # fmt: skip
         train(model, cfg, batches, timed)
-    step = statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :], strict=False))
-    return {"step_s": step, "rows": len(batches.rows), "fill": batches.fill(),
-            "trained_per_step": statistics.mean(trained[warmup:])}  # fmt: skip
+    span = slice(warmup, warmup + steps)
+    seconds = stamps[warmup + steps] - stamps[warmup]
+    return {
+        "step_s": seconds / steps,
+        "rows": len(batches.rows),
+        "fill": batches.fill(),
+        "positions_per_s": sum(positions[span]) / seconds,
+        "trained_per_s": sum(trained[span]) / seconds,
+    }
 
 
 def main() -> None:
@@ -70,12 +76,11 @@ def main() -> None:
         batches = ChatBatches(data, args.batch_size, args.seq_len, seed=0, packed=packed)
         r = measure(batches, args.steps, args.warmup, args.seq_len)
         name = "packed" if packed else "padded"
-        positions = args.batch_size * args.seq_len / r["step_s"]
+        positions = r["positions_per_s"]
         real = positions * r["fill"]
-        epoch_min = r["rows"] / args.batch_size * r["step_s"] / 60
-        print(f"{name}: {r['rows']} rows, {r['fill']:.1%} of positions real, {r['step_s']:.3f} s/step, "
-              f"{positions:,.0f} positions/s, {real:,.0f} real tokens/s, "
-              f"{r['trained_per_step'] / r['step_s']:,.0f} trained tokens/s, "
+        epoch_min = total / real / 60  # every conversation token once, at the measured rate
+        print(f"{name}: {r['rows']} rows, {r['fill']:.1%} of computed positions real, {r['step_s']:.3f} s/step, "
+              f"{positions:,.0f} positions/s, {real:,.0f} real tokens/s, {r['trained_per_s']:,.0f} trained tokens/s, "
               f"one pass over the data {epoch_min:.1f} min")  # fmt: skip
         figures[name] = {"rows": r["rows"], "fill": round(r["fill"], 4), "step_s": round(r["step_s"], 4),
                          "real_tokens_per_s": round(real, 1), "epoch_minutes": round(epoch_min, 2)}  # fmt: skip

@@ -142,10 +142,18 @@ def make_row(data: ChatData, items: list[int], seq_len: int) -> tuple[np.ndarray
     return ids, labels, docs
 
 
+GROUP_BATCHES = 16  # batches whose rows are sorted by length together (see ChatBatches)
+ROUND_TO = 16  # a trimmed batch keeps a multiple of this many positions (friendlier matrix shapes)
+
+
 class ChatBatches:
     """Endless SFT batches (the loop's BatchSource). packed: rows of several conversations with doc_ids; not
     packed: one conversation per row, padded to seq_len (the way minimind does it; kept for comparison).
-    Each epoch visits every row once in an order seeded by (seed, epoch); rank r of world takes rows r::world."""
+
+    Each epoch visits every row once in an order seeded by (seed, epoch); rank r of world takes rows r::world.
+    Packed, the rows of each run of GROUP_BATCHES global batches are sorted by length and every batch is cut to
+    its longest row, so rows that could not be filled (conversations longer than half a row cannot share one)
+    cost little padding."""
 
     def __init__(self, data: ChatData, batch_size: int, seq_len: int, seed: int, packed: bool = True,
                  rank: int = 0, world_size: int = 1):  # fmt: skip
@@ -153,18 +161,41 @@ class ChatBatches:
         if not lengths:
             raise ValueError("no conversations to train on")
         self.rows = pack(lengths, seq_len) if packed else [[i] for i in range(len(lengths))]
+        self.row_len = np.array([sum(lengths[i] for i in r) for r in self.rows])
         self.data, self.batch_size, self.seq_len, self.seed, self.packed = data, batch_size, seq_len, seed, packed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.position = 0, 0
         self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
 
-    def fill(self) -> float:
-        """Fraction of row positions that hold conversation tokens (1 - padding waste)."""
-        return sum(len(i) for i in self.data.ids) / (len(self.rows) * self.seq_len)
+    def order(self, epoch: int) -> np.ndarray:
+        """The rows of `epoch` in visiting order."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        if not self.packed:
+            return order
+        size = GROUP_BATCHES * self.batch_size * self.world_size
+        return np.concatenate([g[np.argsort(-self.row_len[g], kind="stable")]
+                               for g in np.split(order, range(size, len(order), size))])  # fmt: skip
 
-    def batch(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        parts = [make_row(self.data, r, self.seq_len) for r in rows]
-        ids, labels, docs = (torch.from_numpy(np.stack(p)) for p in zip(*parts, strict=True))
+    def width(self, rows: np.ndarray) -> int:
+        """Positions a batch of these rows computes: seq_len padded, else its longest row rounded up."""
+        if not self.packed:
+            return self.seq_len
+        return min(self.seq_len, -(-int(self.row_len[rows].max()) // ROUND_TO) * ROUND_TO)
+
+    def fill(self) -> float:
+        """Fraction of computed positions (summed over one epoch's batches on every rank) that hold conversation
+        tokens: 1 - padding waste."""
+        order, step, computed = self.order(0), self.batch_size * self.world_size, 0
+        for start in range(0, len(order), step):
+            for r in range(self.world_size):
+                rows = order[start + r : start + step : self.world_size]
+                computed += len(rows) * self.width(rows) if len(rows) else 0
+        return int(self.row_len.sum()) / computed
+
+    def batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        width = self.width(np.asarray(rows))
+        parts = [make_row(self.data, self.rows[r], self.seq_len) for r in rows]
+        ids, labels, docs = (torch.from_numpy(np.stack(p)[:, :width]) for p in zip(*parts, strict=True))
         out = {"input_ids": ids, "labels": labels, "n_targets": (labels != -100).sum()}
         if self.packed:
             out["doc_ids"] = docs
@@ -174,9 +205,9 @@ class ChatBatches:
         chosen = []
         for k in range(self.world_size * self.batch_size):
             if self._order[0] != self.epoch:
-                self._order = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows)))
+                self._order = (self.epoch, self.order(self.epoch))
             if k % self.world_size == self.rank:
-                chosen.append(self.rows[self._order[1][self.position]])
+                chosen.append(int(self._order[1][self.position]))
             self.position += 1
             if self.position == len(self.rows):
                 self.epoch, self.position = self.epoch + 1, 0

@@ -107,17 +107,48 @@ def test_best_fit_packing_is_near_the_lower_bound():
     assert len(rows) <= lower * 1.02
 
 
-def test_packing_waste_on_real_chat_data(tokenizer_dir):
-    path = FIXTURES / "sft_tiny.jsonl"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+def _epoch_visits_every_row_once_and_trims_only_padding(batches: ChatBatches) -> None:
+    """Drain one epoch through next(): each row comes once, and every batch holds all of its rows' tokens."""
+    n, size = len(batches.rows), batches.batch_size
+    order = np.concatenate([batches.order(0), batches.order(1)])  # the last batch may run into the next epoch
+    for start in range(0, n, size):
+        b, rows = batches.next(), order[start : start + size]
+        assert b["input_ids"].shape[1] >= batches.row_len[rows].max()
+        assert int((b["doc_ids"] >= 0).sum()) == batches.row_len[rows].sum()
+    assert sorted(batches.order(0).tolist()) == list(range(n))
+
+
+def test_batches_are_cut_to_their_longest_row_and_lose_nothing(tokenizer_dir, tmp_path):
     tok = Tokenizer.load(tokenizer_dir)
-    data = load_chat([str(path)], tok, max_len=512)
+    texts = make_texts(300, seed=5)  # long and short conversations: many rows cannot be filled
+    convs = [[{"role": "user", "content": t}, {"role": "assistant", "content": t[: len(t) // 3]}] for t in texts]
+    data = load_chat([str(write_chats(tmp_path / "c.jsonl", convs))], tok, max_len=256)
+    batches = ChatBatches(data, batch_size=4, seq_len=256, seed=0)
+    _epoch_visits_every_row_once_and_trims_only_padding(batches)
+    widths = [batches.width(batches.order(0)[i : i + 4]) for i in range(0, len(batches.rows), 4)]
+    assert min(widths) < 256 and all(w % 16 == 0 or w == 256 for w in widths)
+    computed = sum(len(batches.order(0)[i : i + 4]) * w for i, w in zip(range(0, len(batches.rows), 4), widths))
+    assert batches.fill() == pytest.approx(batches.row_len.sum() / computed)
+
+
+def test_packing_waste_on_sft_zh_reading_qa(tmp_path):
+    """The acceptance figure: a 6400-token BPE trained on the shared tokenizer corpus, seq_len 512."""
+    from nanomind.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    shared = FIXTURES.parent
+    path, corpus = shared / "sft" / "sft_zh_reading_qa.jsonl", shared / "tokenizer" / "tokenizer_corpus.jsonl"
+    if not (path.is_file() and corpus.is_file()):
+        pytest.skip(f"{path} or {corpus} not present")
+    train_tokenizer(TokenizerTrainConfig(data=[str(corpus)], vocab_size=6400, out=str(tmp_path / "tok")))
+    data = load_chat([str(path)], Tokenizer.load(tmp_path / "tok"), max_len=512)
+    assert len(data.ids) + data.dropped + data.bad.total == 3104  # every record is used, cut, or reported
     packed, padded = ChatBatches(data, 8, 512, 0), ChatBatches(data, 8, 512, 0, packed=False)
+    assert sorted(i for row in packed.rows for i in row) == list(range(len(data.ids)))
     lengths = [len(i) for i in data.ids]
     lower = max(sum(n > 256 for n in lengths), math.ceil(sum(lengths) / 512))
     assert len(packed.rows) <= lower + 1  # within one row of the best any exact packing can do
-    assert packed.fill() > padded.fill()
+    assert packed.fill() > 0.95 > padded.fill()
+    _epoch_visits_every_row_once_and_trims_only_padding(packed)
 
 
 def test_sft_lowers_held_out_assistant_loss_and_resumes(tokenizer_dir, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -63,7 +64,8 @@ def make_eval_fn(val: ChatData, batch_size: int, seq_len: int, max_batches: int)
     if not val.ids:
         return None
     source = ChatBatches(val, batch_size, seq_len, seed=0)
-    rows = source.rows[: batch_size * max_batches]
+    pick = np.random.default_rng(0).permutation(len(source.rows))[: batch_size * max_batches]
+    rows = pick[np.argsort(-source.row_len[pick], kind="stable")].tolist()  # similar lengths share a batch
     fixed = [source.batch(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
@@ -96,7 +98,7 @@ def run(cfg: SFTConfig) -> TrainResult:
     if rank == 0:
         print(data.summary())
         print(f"{len(train_data.ids)} train / {len(val_data.ids)} validation conversations; "
-              f"{len(batches.rows)} rows of {cfg.seq_len}, {batches.fill():.1%} of positions used "
+              f"{len(batches.rows)} rows of up to {cfg.seq_len}, {batches.fill():.1%} of computed positions used "
               f"({'packed' if cfg.packing else 'one conversation per row'})")  # fmt: skip
         print(f"model: {cfg.init}, {model.num_params() / 1e6:.2f}M parameters, device {device}, {cfg.dtype}")
     eval_fn = make_eval_fn(val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
