@@ -27,11 +27,17 @@ class LayerKV:
     def update(self, at: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, kv, T, D] at position `at` and return the keys/values to attend to.
 
-        `at` an int: views of positions 0..at+T. `at` a tensor of T positions (static-shape decoding under
-        torch.compile): the whole buffers, whose unwritten tail the caller masks out."""
+        `at` an int: views of positions 0..at+T. `at` a tensor of positions, [T] shared by every row (static-shape
+        decoding under torch.compile) or [B, T] per row (continuous batching, where each row is another request):
+        the whole buffers, whose unwritten tail the caller masks out."""
         if isinstance(at, torch.Tensor):
-            self.k.index_copy_(2, at, k)
-            self.v.index_copy_(2, at, v)
+            if at.dim() == 1:
+                self.k.index_copy_(2, at, k)
+                self.v.index_copy_(2, at, v)
+            else:
+                index = at[:, None, :, None].expand_as(k)
+                self.k.scatter_(2, index, k)
+                self.v.scatter_(2, index, v)
             return self.k, self.v
         end = at + k.shape[2]
         self.k[:, :, at:end] = k
@@ -54,6 +60,18 @@ class KVCache:
             LayerKV(batch, max_len, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
             for _ in range(cfg.num_hidden_layers)
         ]
+
+    def view(self, rows: slice, keys: int) -> KVCache:
+        """A cache over rows `rows` and the first `keys` positions of this one, sharing its memory (a request's
+        slot for prefill, or the running batch's rows for a decoding step that attends to `keys` positions)."""
+        out = object.__new__(KVCache)
+        out.max_len, out.pos = keys, 0
+        out.layers = []
+        for layer in self.layers:
+            view = object.__new__(LayerKV)
+            view.k, view.v = layer.k[rows, :, :keys], layer.v[rows, :, :keys]
+            out.layers.append(view)
+        return out
 
 
 class Attention(nn.Module):
@@ -160,6 +178,7 @@ class Transformer(nn.Module):
 
         positions [T] (with a cache): write and attend at these positions over the whole cache, with shapes that
         never change, so one torch.compile graph serves every decoding step; the caller tracks the position.
+        positions [B, T]: the same with a position per row (continuous batching: each row is another request).
         doc_ids [B, T] (training on packed rows, no cache): which document each token belongs to; a token attends
         only to earlier tokens of its own document and positions restart at each document, so a packed row gives
         the same logits as its documents run one by one.
@@ -182,9 +201,11 @@ class Transformer(nn.Module):
             at: int | torch.Tensor = 0
         elif positions is not None:
             assert cache is not None, "positions are for decoding with a cache"
-            cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)
+            cos, sin = self.rope_cos[positions].to(dtype), self.rope_sin[positions].to(dtype)  # [(B,) T, D]
             keys = torch.arange(cache.max_len, device=ids.device)
-            mask = keys[None, :] <= positions[:, None]  # [T, max_len]
+            mask = keys <= positions[..., None]  # [(B,) T, max_len]
+            if positions.dim() == 2:  # per row: broadcast over heads
+                cos, sin, mask = cos[:, None], sin[:, None], mask[:, None]
             at = positions
         else:
             at = cache.pos if cache is not None else 0
