@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanomind.generate import SamplingConfig, sample
+from nanomind.generate import SamplingConfig, sample, settings_key
 from nanomind.model import Transformer
 
 # on_token(token, finish): called on the engine's thread with each new token (finish None), then once with
@@ -73,7 +73,8 @@ class Engine:
         return request
 
     def start(self) -> Engine:
-        self._thread = threading.Thread(target=self._loop, name="nanomind-engine", daemon=True)
+        """Run the loop on a background thread."""
+        self._thread = threading.Thread(target=self.run, name="nanomind-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -83,11 +84,14 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    # ---- the loop ----
-    def _loop(self) -> None:
-        while not self._stop:
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        """Serve requests until stop() is called or `until()` returns True (checked at least every 0.5 s)."""
+        while not self._stop and not until():
             if not self.running:  # idle: sleep until a request comes
-                item = self.waiting.get()
+                try:
+                    item = self.waiting.get(timeout=0.5)
+                except queue.Empty:
+                    continue
                 if item is None:
                     continue
                 self.waiting.put(item)
@@ -134,15 +138,30 @@ class Engine:
         keys = max(r.pos for r in self.running) + 1
         logits = self.model(ids, self.cache.view(slice(0, n), keys), last_only=True, positions=positions).logits
         self.steps += 1
-        for r, row in zip(list(self.running), logits[:, -1], strict=True):
+        groups: dict[tuple, list[int]] = {}  # rows with the same settings are sampled together
+        for i, r in enumerate(self.running):
+            groups.setdefault(settings_key(r.sampling), []).append(i)
+        tokens = [0] * n
+        for rows in groups.values():
+            group = [self.running[i] for i in rows]
+            st = [r.state for r in group]
+            noise = torch.stack([s["noise"].exponential_(generator=s["gen"]) for s in st])
+            seen, counts = torch.stack([s["seen"] for s in st]), torch.stack([s["counts"] for s in st])
+            for i, t in zip(rows, sample(logits[rows, -1], group[0].sampling, seen, noise, counts).tolist()):
+                tokens[i] = t
+        for r, t in zip(list(self.running), tokens, strict=True):
             r.pos += 1
-            self._accept(r, row)
+            self._deliver(r, t)
 
     def _accept(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample the request's next token from its logits [V] and deliver it (or finish the request)."""
+        """Sample the request's next token from its logits [V] and deliver it."""
         st = r.state
         tok = sample(logits, r.sampling, st["seen"], st["noise"].exponential_(generator=st["gen"]), st["counts"])
-        t = int(tok)
+        self._deliver(r, int(tok))
+
+    def _deliver(self, r: Request, t: int) -> None:
+        """Hand the request its new token (or finish it at a stop token or its length limit)."""
+        st = r.state
         st["seen"][t] = True
         st["counts"][t] += 1
         if t in st["stops"]:

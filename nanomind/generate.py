@@ -41,13 +41,19 @@ class SamplingConfig:
             raise ValueError("--frequency-penalty and --presence-penalty must be in [-2, 2]")
 
 
+def settings_key(s: SamplingConfig) -> tuple:
+    """The settings sample() depends on (requests with equal keys can be sampled as one batch)."""
+    return (s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.frequency_penalty, s.presence_penalty)
+
+
 def sample(
     logits: torch.Tensor, s: SamplingConfig, seen: torch.Tensor | None, noise: torch.Tensor, counts=None
 ) -> torch.Tensor:
-    """One token id (0-d tensor) from logits [V]. `seen` [V] bool marks the tokens the repetition penalty applies
-    to (prompt and reply); `counts` [V] float counts the reply's tokens, for the frequency / presence penalties;
-    `noise` [V] holds Exp(1) draws: argmax(p / noise) picks token i with probability p_i (the exponential race,
-    the same distribution as multinomial), which needs no generator inside the function, so it can be compiled."""
+    """Token ids [...] from logits [..., V] (one row, or a batch of rows sharing settings `s`). `seen` [..., V]
+    bool marks the tokens the repetition penalty applies to (prompt and reply); `counts` [..., V] float counts the
+    reply's tokens, for the frequency / presence penalties; `noise` [..., >=K] holds Exp(1) draws: argmax(p / noise)
+    picks token i with probability p_i (the exponential race, the same distribution as multinomial), which needs no
+    generator inside the function, so it can be compiled."""
     logits = logits.float()
     if seen is not None and s.repetition_penalty != 1.0:
         penalised = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
@@ -55,17 +61,18 @@ def sample(
     if counts is not None and (s.frequency_penalty or s.presence_penalty):
         logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0).float()
     if s.temperature == 0:
-        return logits.argmax()
+        return logits.argmax(-1)
     logits = logits / s.temperature
-    if s.top_k and s.top_k < logits.numel():
-        values, index = torch.topk(logits, s.top_k)  # sorted, largest first
+    if s.top_k and s.top_k < logits.shape[-1]:
+        values, index = torch.topk(logits, s.top_k, dim=-1)  # sorted, largest first
     else:
-        values, index = torch.sort(logits, descending=True)
+        values, index = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(values, dim=-1)
     if s.top_p < 1.0:
         # drop a token when the tokens before it already reach top_p (the first token always stays)
         probs = probs.masked_fill(probs.cumsum(-1) - probs >= s.top_p, 0.0)
-    return index.gather(0, (probs / noise[: probs.numel()]).argmax().view(1))[0]
+    choice = (probs / noise[..., : probs.shape[-1]]).argmax(-1, keepdim=True)
+    return index.gather(-1, choice).squeeze(-1)
 
 
 def _step_fn(model: Transformer, s: SamplingConfig, static: bool):
@@ -86,7 +93,7 @@ def _compiled_step(model: Transformer, s: SamplingConfig):
     """The step compiled with fixed shapes (the whole cache is attended to with a mask), so one graph serves
     every step; kept on the model (so it goes when the model goes) per sampling settings."""
     steps = model.__dict__.setdefault("_compiled_decode_steps", {})
-    key = (s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.frequency_penalty, s.presence_penalty)
+    key = settings_key(s)
     if key not in steps:
         # on CPU, inductor's autotuned matrix-vector kernels beat its defaults (bf16: 2.55 vs 2.8 ms per token)
         mode = "max-autotune-no-cudagraphs" if next(model.parameters()).device.type == "cpu" else None
