@@ -189,8 +189,9 @@ class OutputParser:
                 if p.endswith(m[:n]):
                     keep = max(keep, n)
                     break
-        if self.mode == "reasoning":
-            keep = max(keep, len(p) - len(p.rstrip("\n")))
+        if self.mode == "reasoning":  # and the newlines just before that
+            rest = p[: len(p) - keep]
+            keep += len(rest) - len(rest.rstrip("\n"))
         return keep
 
     def _emit(self, text: str, out: list, closing: bool = False) -> None:

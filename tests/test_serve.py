@@ -255,3 +255,33 @@ def test_web_page_streams_a_reply_in_headless_chromium(served):
         assert driver.find_element(By.CSS_SELECTOR, ".user").text == "Say hello"
     finally:
         driver.quit()
+
+
+def test_output_parser_splits_tags_and_stops_across_pieces():
+    from nanomind.openai_protocol import OutputParser
+
+    text = "<think>\nweigh it\n</think>\n\nThe answer<tool_call>\n" + CALL + "\n</tool_call> is 42. END here"
+    for cut in range(1, 12):  # the same text fed in pieces of every size gives the same result
+        parser, out = OutputParser(["END"], tools=True), []
+        for i in range(0, len(text), cut):
+            out += parser.feed(text[i : i + cut])
+        out += parser.feed("", final=True)
+        reasoning = "".join(t for k, t in out if k == "reasoning")
+        content = "".join(t for k, t in out if k == "content")
+        assert (reasoning, content, parser.stopped) == ("weigh it", "The answer is 42. ", True), cut
+        assert [json.loads(c["function"]["arguments"]) for c in parser.tool_calls] == [{"city": "Paris"}]
+    parser = OutputParser([], tools=True)  # not JSON: the text stays content
+    out = parser.feed("<tool_call>oops</tool_call>", final=True)
+    assert out == [("content", "<tool_call>oops</tool_call>")] and not parser.tool_calls
+
+
+def test_tool_messages_render_as_qwen_does():
+    msgs = [Message(role="user", content="Weather?"),
+            Message(role="assistant", content=None, tool_calls=[{"id": "c1", "type": "function", "function": {
+                "name": "get_weather", "arguments": '{"city": "Paris"}'}}]),
+            Message(role="tool", content="sunny"), Message(role="tool", content="22C")]  # fmt: skip
+    out = chat_messages(msgs, TOOLS)
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
+    assert '"name": "get_weather"' in out[0]["content"] and "<tools>" in out[0]["content"]
+    assert out[2]["content"] == f"<tool_call>\n{CALL}\n</tool_call>"
+    assert out[3]["content"] == "<tool_response>\nsunny\n</tool_response>\n<tool_response>\n22C\n</tool_response>"
