@@ -24,6 +24,15 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3 style RMSNorm on each head's q and k
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
+    # Mixture of experts (model/moe.py); num_experts 0 = dense. Names follow HF Qwen-MoE / DeepSeek-V3.
+    num_experts: int = 0  # routed experts per layer
+    num_experts_per_tok: int = 2  # top-k
+    moe_intermediate_size: int = 0  # each expert's hidden size (0: intermediate_size)
+    n_shared_experts: int = 0  # always-on experts (DeepSeek style), each moe_intermediate_size wide
+    scoring_func: str = "softmax"  # router scores: softmax (Switch / Qwen) or sigmoid (DeepSeek-V3)
+    norm_topk_prob: bool = True  # renormalise the k chosen weights to sum to 1 (only when k > 1, see moe.py)
+    router_aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (0: off)
+    router_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3): per-step bias step (0: off)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -40,6 +49,14 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                                 f"got {self.num_experts_per_tok}")  # fmt: skip
+            if self.scoring_func not in ("softmax", "sigmoid"):
+                raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {self.scoring_func!r}")
+            if self.moe_intermediate_size == 0:
+                self.moe_intermediate_size = self.intermediate_size
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("linear", "yarn"):
@@ -53,18 +70,25 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def num_params(self, embeddings: bool = True) -> int:
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count; active: only what one token uses (its top-k experts, not all of them)."""
         h, kv, hd = self.hidden_size, self.num_key_value_heads, self.head_dim
         attn = h * self.num_attention_heads * hd * 2 + h * kv * hd * 2
         if self.qk_norm:
             attn += 2 * hd
-        layer = attn + 3 * h * self.intermediate_size + 2 * h
+        if self.num_experts:
+            routed = self.num_experts_per_tok if active else self.num_experts
+            mlp = 3 * h * self.moe_intermediate_size * (routed + self.n_shared_experts) + self.num_experts * h
+        else:
+            mlp = 3 * h * self.intermediate_size
+        layer = attn + mlp + 2 * h
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + h + (emb if embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x matmul params (lm_head included) + causal attention (PaLM appendix B)."""
-        n = self.num_params(embeddings=False) + self.vocab_size * self.hidden_size
+        """Training FLOPs per token: 6 x matmul params (lm_head included) + causal attention (PaLM appendix B).
+        For MoE models, the active parameters."""
+        n = self.num_params(embeddings=False, active=True) + self.vocab_size * self.hidden_size
         attn = (
             6 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
         )  # 12*L*H*T, halved: causal
@@ -90,6 +114,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Qwen3-like 64M
     "minimind3-64m": dict(hidden_size=768, intermediate_size=2432, num_hidden_layers=8, num_attention_heads=8,
                           num_key_value_heads=4, qk_norm=True),
+    # minimind's 2024 MoE: the 26M shape with 4 routed experts (top-2) and a shared one
+    "minimind-moe": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=16,
+                         num_key_value_heads=8, num_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+    # today's upstream MoE: the 64M shape with 4 experts, top-1 (the router still learns: see moe.py)
+    "minimind3-moe": dict(hidden_size=768, intermediate_size=2432, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=4, qk_norm=True, num_experts=4, num_experts_per_tok=1),
 }  # fmt: skip
 
 
@@ -100,4 +130,8 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 def describe_presets() -> str:
-    return ", ".join(f"{name} {ModelConfig(**kw).num_params() / 1e6:.1f}M" for name, kw in PRESETS.items())
+    def size(cfg: ModelConfig) -> str:
+        total = f"{cfg.num_params() / 1e6:.1f}M"
+        return f"{total} ({cfg.num_params(active=True) / 1e6:.1f}M active)" if cfg.num_experts else total
+
+    return ", ".join(f"{name} {size(ModelConfig(**kw))}" for name, kw in PRESETS.items())

@@ -15,6 +15,7 @@ from torch import nn
 
 from nanomind.model.config import ModelConfig
 from nanomind.model.layers import MLP, Linear, RMSNorm, apply_rope, rope_tables
+from nanomind.model.moe import MoE, moe_layers
 
 
 class LayerKV:
@@ -110,7 +111,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.num_experts else MLP(cfg)
 
     def forward(self, x, cos, sin, kv: LayerKV | None, at, mask) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, at, mask)
@@ -221,11 +222,13 @@ class Transformer(nn.Module):
         if cache is not None and positions is None:
             cache.pos += T
         x = self.model.norm(x)
+        aux = [m.aux_loss for m in moe_layers(self) if m.aux_loss is not None] if self.config.num_experts else []
+        aux_loss = torch.stack(aux).sum() if aux else None
         if return_hidden:
-            return Output(None, hidden=x)
+            return Output(None, aux_loss, hidden=x)
         if last_only:
             x = x[:, -1:]
-        return Output(self.lm_head(x))
+        return Output(self.lm_head(x), aux_loss)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

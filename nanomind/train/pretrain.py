@@ -43,8 +43,10 @@ class PretrainConfig(TrainConfig):
 
 def cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token loss over all positions; labels [B, T] are the inputs shifted by one."""
-    hidden = model(batch["input_ids"], return_hidden=True).hidden  # [B, T, C]
-    loss = linear_cross_entropy(hidden.flatten(0, 1), unwrap(model).lm_head.weight, batch["labels"].flatten())
+    out = model(batch["input_ids"], return_hidden=True)  # hidden [B, T, C]
+    loss = linear_cross_entropy(out.hidden.flatten(0, 1), unwrap(model).lm_head.weight, batch["labels"].flatten())
+    if out.aux_loss is not None:  # MoE load balancing
+        loss = loss + out.aux_loss
     return loss, {"tokens": batch["labels"].numel()}
 
 
