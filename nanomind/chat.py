@@ -2,6 +2,7 @@
 
 nanomind chat --ckpt runs/sft                      # interactive; /reset, /system <text>, /think on|off, /quit
 nanomind chat --ckpt runs/sft --prompt "Hello"     # one question, one answer
+nanomind chat --ckpt runs/sft --lora runs/lora     # with a LoRA adapter (PEFT layout) on top
 printf 'Hi\\nWho are you?\\n' | nanomind chat --ckpt runs/sft   # not a terminal: one prompt per line
 """
 
@@ -15,16 +16,18 @@ import torch
 
 from nanomind.config import arg
 from nanomind.generate import SamplingConfig, generate
-from nanomind.tokenizer import StreamDecoder, Tokenizer, render_chat
+from nanomind.tokenizer import NO_THINK, StreamDecoder, Tokenizer, render_chat
 
 HELP = "commands: /reset (forget the conversation), /system <text>, /think on|off|auto, /quit"
-# What follows the assistant header for each /think mode (Qwen3's convention for models trained with reasoning).
-THINK_PREFILL = {"auto": "", "on": "<think>\n", "off": "<think>\n\n</think>\n\n"}
+# What follows the assistant header for each /think mode (Qwen3's convention for models trained with reasoning);
+# "off" is what the chat template adds with enable_thinking=False.
+THINK_PREFILL = {"auto": "", "on": "<think>\n", "off": NO_THINK}
 
 
 @dataclass(kw_only=True)
 class ChatConfig(SamplingConfig):
     ckpt: str = arg(help="checkpoint directory (or a run directory: its newest checkpoint)")
+    lora: str = arg("", "LoRA adapter to apply: an adapter directory (PEFT layout) or a LoRA run / checkpoint")
     prompt: str = arg("", "ask one question, print the answer and exit")
     system: str = arg("", "system prompt")
     think: str = arg("auto", "reasoning: on (start with <think>), off (skip it), auto", choices=list(THINK_PREFILL))
@@ -51,7 +54,7 @@ class Session:
         while True:
             system = [{"role": "system", "content": self.system}] if self.system else []
             text, _ = render_chat(system + turns, add_generation_prompt=True)
-            ids = self.tok.encode(text + THINK_PREFILL[self.think])
+            ids = self.tok.encode_prompt(text + THINK_PREFILL[self.think])  # "\n\n" split as in training
             if len(ids) <= limit:
                 return ids
             if len(turns) == 1:
@@ -59,7 +62,8 @@ class Session:
                                  f"{limit} at most before its reply")  # fmt: skip
             turns = turns[2:]  # forget the oldest exchange
 
-    def reply(self, user: str, out=sys.stdout) -> str:
+    def reply(self, user: str, out=None) -> str:
+        out = out or sys.stdout  # looked up per call, not bound once at import (redirected or captured stdout)
         ids = self.prompt_ids(user)
         decoder, pieces = StreamDecoder(self.tok), []
         out.write(THINK_PREFILL[self.think])
@@ -110,6 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse(ChatConfig, argv, "nanomind chat", __doc__.splitlines()[0])
     tok = Tokenizer.load(checkpoint.tokenizer_dir(cfg.ckpt))
     model = checkpoint.load_model(cfg.ckpt, resolve_device(cfg.device)).eval()
+    if cfg.lora:
+        from nanomind.model.lora import load_adapter, merge_lora
+
+        merge_lora(model)  # a LoRA run's own adapter, if --ckpt is one: --lora then stacks on top of it
+        load_adapter(model, checkpoint.adapter_dir(cfg.lora))
+        merge_lora(model)  # the same logits (a test checks it), at the base model's speed
     if cfg.dtype == "bf16":
         model.to(torch.bfloat16)
     session = Session(model, tok, cfg)

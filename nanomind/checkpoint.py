@@ -1,5 +1,8 @@
 """Directory checkpoints: model.safetensors + config.json (+ tokenizer files, + train_state.pt for resuming).
 
+A model with LoRA adapters (model/lora.py) saves its frozen base weights in model.safetensors and the adapter
+alone, in the PEFT layout, in `adapter/`; loading such a checkpoint puts the adapter back on.
+
 A checkpoint is written into a temporary directory and renamed into place, so a crash never leaves a
 half-written directory that looks valid. Loading needs nothing but the directory.
 """
@@ -17,7 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanomind.model import ModelConfig, Transformer
+from nanomind.model import ModelConfig, Transformer, lora
+
+ADAPTER_DIR = "adapter"
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -58,7 +63,9 @@ def save(
     tmp = run / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not lora.is_adapter_key(k)}
+    if lora.lora_layers(model):
+        lora.save_adapter(model, tmp / ADAPTER_DIR, base=str((info or {}).get("init") or "") or None)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the same tensor as embed_tokens; safetensors refuses shared storage
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -96,20 +103,42 @@ def load_config(ckpt: str | Path) -> ModelConfig:
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """The model of a checkpoint, with its LoRA adapter on when it has one."""
     path = resolve(ckpt)
     model = Transformer(load_config(path))
+    if (path / ADAPTER_DIR).is_dir():
+        lora.load_adapter(model, path / ADAPTER_DIR)
     load_weights(model, path)
     return model.to(device)
 
 
 def load_weights(model: Transformer, ckpt: str | Path) -> None:
+    """Load the weights of `ckpt` into `model`; an adapted model also gets the checkpoint's adapter."""
     path = resolve(ckpt)
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not lora.is_adapter_key(k)]
     if model.config.tie_word_embeddings:
         missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {missing}, unexpected {unexpected}")
+    if lora.lora_layers(model):
+        if not (path / ADAPTER_DIR).is_dir():
+            raise ValueError(f"{path} has no {ADAPTER_DIR}/: it was not saved from a LoRA run")
+        lora.load_adapter(model, path / ADAPTER_DIR)
+
+
+def adapter_dir(path: str | Path) -> Path:
+    """A LoRA adapter directory: given directly, or the adapter/ of a checkpoint or of a run's newest one."""
+    p = Path(path)
+    for candidate in (p, p / ADAPTER_DIR):
+        if (candidate / lora.ADAPTER_CONFIG).is_file():
+            return candidate
+    found = resolve(p) / ADAPTER_DIR
+    if not (found / lora.ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{path}: no LoRA adapter here (expected {lora.ADAPTER_CONFIG}, or a checkpoint with "
+                         f"{ADAPTER_DIR}/)")  # fmt: skip
+    return found
 
 
 def load_train_state(ckpt: str | Path) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class Server:
         )
 
     def prompt_ids(self, text: str) -> list[int]:
-        ids = self.tok.encode(text)
+        ids = self.tok.encode_prompt(text)  # a trailing "\n\n" split as training saw it (tokenizer.py)
         if len(ids) >= self.engine.max_len:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; this model reads {self.engine.max_len - 1} at "
                            "most before its reply", param="messages", code="context_length_exceeded")  # fmt: skip

@@ -34,6 +34,8 @@ SPECIAL_TOKENS = [EOS, IM_START, IM_END, "<think>", "</think>", "<tool_call>", "
 MODEL_MAX_LENGTH = 32768
 # Qwen-style ChatML. `{{- ... }}` strips template whitespace so the output is exactly what render_chat builds.
 # An assistant turn with `reasoning_content` shows it first as <think>\n...\n</think>\n\n (Qwen3's layout).
+# enable_thinking=False (Qwen3's switch) ends the generation prompt with an empty think block, so the model answers
+# without reasoning.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
@@ -42,14 +44,19 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
     "{{- message['content'] + '<|im_end|>' + '\\n' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
 )
+NO_THINK = "<think>\n\n</think>\n\n"  # what enable_thinking=False adds after the generation prompt
 
 
-def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+def render_chat(
+    messages: list[dict], add_generation_prompt: bool = False, enable_thinking: bool = True
+) -> tuple[str, list[tuple[int, int]]]:
     """The chat template in Python: (text, spans), where spans are the [start, end) character ranges that a model
     learns to write: each assistant turn's reasoning and content and its closing <|im_end|>. The text equals
-    CHAT_TEMPLATE rendered by transformers' apply_chat_template (a test checks it)."""
+    CHAT_TEMPLATE rendered by transformers' apply_chat_template (a test checks it), enable_thinking included."""
     parts, spans, n = [], [], 0
     for m in messages:
         head = f"{IM_START}{m['role']}\n"
@@ -61,7 +68,7 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> tu
         parts += [head, body, "\n"]
         n += len(head) + len(body) + 1
     if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
+        parts.append(f"{IM_START}assistant\n" + ("" if enable_thinking else NO_THINK))
     return "".join(parts), spans
 
 
@@ -155,6 +162,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a prompt the model continues. Like encode(text), but trailing whitespace is split the way it is
+        when a word follows: the pre-tokenizer keeps "\n\n" whole at the end of a text but as "\n" "\n" before a
+        word, and training only saw the latter (e.g. after the empty think block of enable_thinking=False)."""
+        ids = self.encode(text + "x")
+        return ids[:-1] if self.decode(ids[-1:]) == "x" else self.encode(text)
 
     def encode_chat(self, messages: list[dict]) -> tuple[list[int], list[bool]]:
         """(ids, trained) for a conversation: `trained[i]` is True for the tokens of assistant turns (reasoning,

@@ -117,6 +117,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # minimind's 2024 MoE: the 26M shape with 4 routed experts (top-2) and a shared one
     "minimind-moe": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=16,
                          num_key_value_heads=8, num_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+    # minimind-moe's dense twin: one MLP as wide as its 3 active experts (2 routed + 1 shared), same active size
+    "minimind-moe-dense": dict(hidden_size=512, intermediate_size=4224, num_hidden_layers=8, num_attention_heads=16,
+                               num_key_value_heads=8),
     # today's upstream MoE: the 64M shape with 4 experts, top-1 (the router still learns: see moe.py)
     "minimind3-moe": dict(hidden_size=768, intermediate_size=2432, num_hidden_layers=8, num_attention_heads=8,
                           num_key_value_heads=4, qk_norm=True, num_experts=4, num_experts_per_tok=1),

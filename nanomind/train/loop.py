@@ -28,6 +28,8 @@ from nanomind import checkpoint
 from nanomind.config import arg
 from nanomind.device import autocast
 from nanomind.model import Transformer
+from nanomind.model.lora import TARGETS, apply_lora, lora_layers, merge_lora
+from nanomind.model.moe import load_stats, moe_layers
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -66,6 +68,9 @@ class TrainConfig:
     log_every: int = arg(10, "update the progress bar / TensorBoard every N steps")
     max_minutes: float = arg(0.0, "stop (with a checkpoint) after this many minutes (0 = no limit)")
     tensorboard: bool = arg(True, "write TensorBoard logs to OUT/tb")
+    lora_rank: int = arg(0, "train LoRA adapters of this rank instead of the weights (0 = full training)")
+    lora_alpha: float = arg(16.0, "LoRA scale: the adapter's output is multiplied by alpha / rank")
+    lora_targets: list[str] = arg(list(TARGETS), "layers that get adapters (comma- or space-separated)")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -73,6 +78,11 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        self.lora_targets = [t for item in self.lora_targets for t in item.split(",") if t]
+        unknown = sorted(set(self.lora_targets) - set(TARGETS))
+        if self.lora_rank < 0 or unknown or not self.lora_targets:
+            raise ValueError(f"--lora-rank must be >= 0 and --lora-targets a subset of {','.join(TARGETS)}; "
+                             f"got rank {self.lora_rank}, unknown targets {unknown}")  # fmt: skip
 
 
 @dataclass
@@ -81,6 +91,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # train loss of every step run in this call
     grad_norms: list[float] = field(default_factory=list)  # global gradient norm before clipping, per step
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", "val_bpb", ...}
+    moe_load: list[float] = field(default_factory=list)  # MoE models: worst expert max/min load ratio per step
     checkpoint: Path | None = None
     interrupted: bool = False
 
@@ -197,6 +208,13 @@ def train(
     device = next(model.parameters()).device
     if device.type == "cpu":
         keep_freed_memory()
+    if lora_layers(model):  # --init was a LoRA run: start from its base + adapter, folded into the weights
+        merge_lora(model)
+    if cfg.lora_rank:
+        trainable = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        if master:
+            print(f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "
+                  f"of {model.num_params() / 1e6:.2f}M parameters")  # fmt: skip
     optimizer = make_optimizer(model, cfg, device)
     step = 0
     if cfg.resume and checkpoint.step_dirs(cfg.out):
@@ -291,6 +309,13 @@ def train(
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            experts = moe_layers(model)
+            if experts:  # expert load of this step, then aux-loss-free bias balancing (model/moe.py)
+                moe_stats = load_stats(model)
+                moe_stats["moe_aux_loss"] = sum(m.aux_loss.item() for m in experts if m.aux_loss is not None)
+                for m in experts:
+                    m.after_step()
+                result.moe_load.append(moe_stats.get("moe_load_max_min", float("nan")))
             step += 1
             result.step = step
             result.losses.append(step_loss)
@@ -300,12 +325,16 @@ def train(
                 now = time.perf_counter()
                 tok_s = tokens_since_log / (now - t_log)
                 mfu = tok_s * flops_per_token / peak / world if peak else 0.0
+                extra = {"aux": f"{moe_stats['moe_aux_loss']:.3f}",
+                         "load": f"{moe_stats.get('moe_load_max_min', 0):.2f}"} if experts else {}  # fmt: skip
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
-                                tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")  # fmt: skip
+                                tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", **extra)  # fmt: skip
                 if writer:
                     for k, v in {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
                                  "mfu": mfu}.items():  # fmt: skip
                         writer.add_scalar(f"train/{k}", v, step)
+                    for k, v in (moe_stats if experts else {}).items():
+                        writer.add_scalar(k if "/" in k else f"train/{k}", v, step)
                 t_log, tokens_since_log = now, 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 evaluate()

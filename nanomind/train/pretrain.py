@@ -113,6 +113,10 @@ def run(cfg: PretrainConfig) -> TrainResult:
                          f"{model.config.max_position_embeddings}")  # fmt: skip
     if rank == 0:
         n = model.num_params()
+        if model.config.num_experts:
+            n_active = model.config.num_params(active=True)
+            print(f"mixture of experts: {model.config.num_experts} experts, top-{model.config.num_experts_per_tok}, "
+                  f"{n_active / 1e6:.2f}M of the {n / 1e6:.2f}M parameters active per token")  # fmt: skip
         print(f"model: {cfg.preset if not cfg.init else cfg.init}, {n / 1e6:.2f}M parameters "
               f"({model.config.num_params(embeddings=False) / 1e6:.2f}M without embeddings), device {device}, "
               f"{cfg.dtype}, {cfg.batch_size * cfg.seq_len * cfg.grad_accum * world:,} tokens per step")  # fmt: skip

@@ -2,6 +2,10 @@
 cross-talk (each attends to itself only, positions restart per conversation).
 
     nanomind sft --init runs/pretrain --data chat.jsonl --out runs/sft --steps 500
+
+Reasoning SFT is the same stage: assistant turns with `reasoning_content` train `<think>...</think>` and the answer,
+and `--tag-weight 10` multiplies the loss on the <think> / </think> tokens by 10 (minimind's reasoning trainer
+does this for its <think>/<answer> tags; our template has no answer tags: the answer is what follows </think>).
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from nanomind import checkpoint
 from nanomind.config import arg
 from nanomind.conversations import ChatBatches, ChatData, load_chat
 from nanomind.device import resolve_device
+from nanomind.model import Transformer
 from nanomind.tokenizer import Tokenizer
-from nanomind.train.loop import TrainConfig, TrainResult, dist_env, train, unwrap
+from nanomind.train.loop import EvalFn, TrainConfig, TrainResult, dist_env, train, unwrap
 from nanomind.train.losses import linear_cross_entropy
 
 
@@ -34,18 +39,45 @@ class SFTConfig(TrainConfig):
     val_fraction: float = arg(0.02, "conversations held out for the validation loss (every Nth one)")
     name: str = arg("nanomind", "fills {{name}} placeholders in the data (identity conversations)")
     author: str = arg("the nanomind project", "fills {{author}} placeholders in the data")
+    tag_weight: float = arg(1.0, "reasoning SFT: loss multiplier on the <think> and </think> tokens (1 = off)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.val_fraction < 0.5:
             raise ValueError(f"--val-fraction must be in [0, 0.5), got {self.val_fraction}")
+        if self.tag_weight <= 0:
+            raise ValueError(f"--tag-weight must be > 0, got {self.tag_weight}")
 
 
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy over the trained (assistant) tokens; labels are -100 elsewhere."""
-    hidden = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True).hidden
-    loss = linear_cross_entropy(hidden.flatten(0, 1), unwrap(model).lm_head.weight, batch["labels"].flatten())
+    """Mean cross-entropy over the trained (assistant) tokens; labels are -100 elsewhere. With a `loss_scale`
+    [B, T] in the batch (TagWeighted), each token's loss is multiplied by it; the mean still divides by the
+    number of trained tokens."""
+    out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)
+    scale = batch["loss_scale"].flatten() if "loss_scale" in batch else None
+    loss = linear_cross_entropy(out.hidden.flatten(0, 1), unwrap(model).lm_head.weight, batch["labels"].flatten(),
+                                scale=scale)  # fmt: skip
+    if out.aux_loss is not None:  # MoE load balancing
+        loss = loss + out.aux_loss
     return loss, {"tokens": int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else batch["input_ids"].numel()}
+
+
+class TagWeighted:
+    """SFT batches with a `loss_scale`: `weight` where the label is one of `tag_ids`, 1 elsewhere."""
+
+    def __init__(self, source: ChatBatches, tag_ids: list[int], weight: float):
+        self.source, self.tag_ids, self.weight = source, torch.tensor(tag_ids), weight
+
+    def next(self) -> dict[str, torch.Tensor]:
+        batch = self.source.next()
+        batch["loss_scale"] = torch.where(torch.isin(batch["labels"], self.tag_ids), self.weight, 1.0)
+        return batch
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
 
 
 def split(data: ChatData, val_fraction: float) -> tuple[ChatData, ChatData]:
@@ -82,16 +114,8 @@ def make_eval_fn(val: ChatData, batch_size: int, seq_len: int, max_batches: int)
     return evaluate
 
 
-def run(cfg: SFTConfig) -> TrainResult:
-    rank, world = dist_env()
-    device = resolve_device(cfg.device)
-    tok_dir = checkpoint.tokenizer_dir(cfg.init)
-    tok = Tokenizer.load(tok_dir)
-    torch.manual_seed(cfg.seed)
-    model = checkpoint.load_model(cfg.init, device)
-    if cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"{model.config.max_position_embeddings}")  # fmt: skip
+def chat_data(cfg: SFTConfig, tok: Tokenizer, rank: int, world: int) -> tuple[ChatBatches | TagWeighted, EvalFn | None]:
+    """Training batches and the held-out evaluation of cfg.data (shared by sft and distill)."""
     data = load_chat(cfg.data, tok, cfg.seq_len, {"name": cfg.name, "author": cfg.author})
     train_data, val_data = split(data, cfg.val_fraction)
     batches = ChatBatches(train_data, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.packing, rank, world)
@@ -100,8 +124,30 @@ def run(cfg: SFTConfig) -> TrainResult:
         print(f"{len(train_data.ids)} train / {len(val_data.ids)} validation conversations; "
               f"{len(batches.rows)} rows of up to {cfg.seq_len}, {batches.fill():.1%} of computed positions used "
               f"({'packed' if cfg.packing else 'one conversation per row'})")  # fmt: skip
-        print(f"model: {cfg.init}, {model.num_params() / 1e6:.2f}M parameters, device {device}, {cfg.dtype}")
     eval_fn = make_eval_fn(val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    if cfg.tag_weight == 1.0:
+        return batches, eval_fn
+    return TagWeighted(batches, [tok.token_id("<think>"), tok.token_id("</think>")], cfg.tag_weight), eval_fn
+
+
+def load_init(cfg: SFTConfig, device: torch.device) -> Transformer:
+    model = checkpoint.load_model(cfg.init, device)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")  # fmt: skip
+    return model
+
+
+def run(cfg: SFTConfig) -> TrainResult:
+    rank, world = dist_env()
+    device = resolve_device(cfg.device)
+    tok_dir = checkpoint.tokenizer_dir(cfg.init)
+    tok = Tokenizer.load(tok_dir)
+    torch.manual_seed(cfg.seed)
+    model = load_init(cfg, device)
+    batches, eval_fn = chat_data(cfg, tok, rank, world)
+    if rank == 0:
+        print(f"model: {cfg.init}, {model.num_params() / 1e6:.2f}M parameters, device {device}, {cfg.dtype}")
     return train(model, cfg, batches, sft_loss, eval_fn, tokenizer_dir=tok_dir,
                  info={"stage": "sft", "init": str(cfg.init), "data": cfg.data})  # fmt: skip
 
