@@ -118,3 +118,23 @@ def test_moe_cache_equals_no_cache_and_load_stats():
     model(ids)
     stats = load_stats(model)
     assert stats["moe_load_max_min"] >= 1 and len(stats) == 1 + model.config.num_hidden_layers
+
+
+def test_stage_losses_add_the_balance_loss():
+    from nanomind.train.pretrain import cross_entropy
+    from nanomind.train.sft import sft_loss
+
+    torch.manual_seed(5)
+    model = Transformer(moe_cfg(router_aux_loss_coef=0.5))
+    ids = torch.randint(0, 64, (2, 10))
+    labels = torch.randint(0, 64, (2, 10))
+    labels[:, :3] = -100
+    out = model(ids)
+    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert out.aux_loss.item() > 0.1
+    sft, _ = sft_loss(model, {"input_ids": ids, "labels": labels})
+    torch.testing.assert_close(sft, ce + out.aux_loss, rtol=1e-5, atol=1e-6)
+    labels = torch.randint(0, 64, (2, 10))
+    pre, _ = cross_entropy(model, {"input_ids": ids, "labels": labels})
+    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(pre, ce + out.aux_loss, rtol=1e-5, atol=1e-6)
