@@ -1,7 +1,8 @@
-"""Training throughput of the real loop (nanomind.train.loop.train) for the 30.0M `minimind3-30m` model,
-batch 16 x 256, bf16 and fp32: real (non-padding) tokens/s and MFU against this machine's measured matmul peak.
+"""Training throughput of the real loop (nanomind.train.loop.train) for a preset (default the 30.0M
+`minimind3-30m`), batch 16 x 256, bf16 and fp32: real (non-padding) tokens/s and MFU against this machine's
+measured matmul peak (MoE presets: MFU of the active parameters).
 
-    python benchmarks/train_throughput.py [--steps 12] [--warmup 3] [--dtypes bf16 fp32] [--compile]
+    python benchmarks/train_throughput.py [--preset minimind3-30m] [--steps 12] [--warmup 3] [--dtypes bf16 fp32]
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class RandomRows:
         pass
 
 
-def measure(dtype: str, steps: int, warmup: int, batch: int, seq_len: int, compile: bool) -> dict:
+def measure(name: str, dtype: str, steps: int, warmup: int, batch: int, seq_len: int, compile: bool) -> dict:
     torch.manual_seed(0)
-    cfg_m = preset("minimind3-30m")
+    cfg_m = preset(name)
     model = Transformer(cfg_m)
     stamps: list[float] = []
 
@@ -60,6 +61,7 @@ def measure(dtype: str, steps: int, warmup: int, batch: int, seq_len: int, compi
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="minimind3-30m")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
@@ -67,12 +69,12 @@ def main() -> None:
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
-    header("train throughput, minimind3-30m")
-    figures: dict = {"benchmark": "train_throughput", "batch": args.batch_size, "seq_len": args.seq_len,
-                     "compile": args.compile}  # fmt: skip
+    header(f"train throughput, {args.preset}")
+    figures: dict = {"benchmark": "train_throughput", "preset": args.preset, "batch": args.batch_size,
+                     "seq_len": args.seq_len, "compile": args.compile}  # fmt: skip
     for dtype in args.dtypes:
         peak = matmul_peak(torch.bfloat16 if dtype == "bf16" else torch.float32)
-        r = measure(dtype, args.steps, args.warmup, args.batch_size, args.seq_len, args.compile)
+        r = measure(args.preset, dtype, args.steps, args.warmup, args.batch_size, args.seq_len, args.compile)
         mfu = r["tokens_per_s"] * r["flops_per_token"] / peak
         print(f"{dtype}: {r['params'] / 1e6:.1f}M params, {r['step_s']:.3f} s/step, "
               f"{r['tokens_per_s']:,.0f} real tokens/s, "
