@@ -95,22 +95,16 @@ def test_lora_run_resumes_exactly(chat_ckpt, tmp_path):
     assert resumed.losses == full.losses[3:]  # bitwise, fp32: adapter, optimizer and data cursor restored
 
 
-def test_adapter_loads_with_peft_onto_the_hf_model(tmp_path):
+def test_adapter_loads_with_peft_onto_the_hf_export(tmp_path, tokenizer_dir):
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'nanomind[dev]')")
     transformers = pytest.importorskip("transformers")
+    from nanomind.export import export_hf
+
     base, model = adapted(qk_norm=True)
-    save_adapter(model, tmp_path / "adapter", base="debug")
     cfg = base.config
-    hf_cfg = transformers.Qwen3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attention_bias=False,
-    )  # fmt: skip
-    hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
-    missing, unexpected = hf.load_state_dict(base.state_dict(), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    save_adapter(model, tmp_path / "adapter", base="debug")
+    export_hf(checkpoint.save(tmp_path / "base", 0, base, tokenizer_dir), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()  # no trust_remote_code
     peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 30))
     with torch.no_grad():
