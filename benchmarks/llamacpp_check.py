@@ -3,6 +3,8 @@
     pip install -e '.[export,llamacpp]'   # llama-cpp-python compiles llama.cpp on install (~3 min on 2 cores)
     python benchmarks/llamacpp_check.py --ckpt runs/demo/pretrain [--types f32 f16 q8_0] [--new-tokens 32]
 
+Dense and MoE checkpoints alike (MoE: llama.cpp's qwen3moe, llama with experts, or glm4moe; see export_gguf.py).
+
 For each prompt, nanomind's greedy tokens are those of `nanomind generate --temperature 0 --repetition-penalty 1
 --ignore-eos --max-new-tokens 32` (the same `generate`, called in-process; the first prompt also runs the command
 itself and compares its text). Each export type is loaded by llama-cpp-python with an f32 KV cache (its default f16
@@ -26,7 +28,7 @@ import torch
 from common import emit, header
 
 from nanomind import checkpoint
-from nanomind.export_gguf import export_gguf
+from nanomind.export_gguf import export_gguf, gguf_architecture
 from nanomind.generate import SamplingConfig, generate
 from nanomind.tokenizer import Tokenizer
 
@@ -86,8 +88,11 @@ def main() -> None:
     tok = Tokenizer.load(checkpoint.tokenizer_dir(ckpt))
     model = checkpoint.load_model(ckpt).eval()
     cfg = model.config
+    moe = (f", {cfg.num_experts} experts top-{cfg.num_experts_per_tok} ({cfg.scoring_func}) + {cfg.n_shared_experts} "
+           f"shared" if cfg.num_experts else "")  # fmt: skip
     print(f"checkpoint: {ckpt} ({model.num_params() / 1e6:.2f}M params, vocab {cfg.vocab_size}, qk_norm "
-          f"{cfg.qk_norm}, tied {cfg.tie_word_embeddings}); llama-cpp-python {llama_cpp.__version__}")  # fmt: skip
+          f"{cfg.qk_norm}, tied {cfg.tie_word_embeddings}{moe}); GGUF architecture "
+          f"{gguf_architecture(model).gguf_arch}; llama-cpp-python {llama_cpp.__version__}")  # fmt: skip
     greedy = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
     prompts = [tok.encode(t) for t in args.prompts]
     ours = [list(generate(model, ids, greedy)) for ids in prompts]
@@ -97,7 +102,8 @@ def main() -> None:
     command = [sys.executable, "-m", "nanomind", "generate", "--ckpt", str(ckpt), "--prompt", args.prompts[0],
                "--temperature", "0", "--repetition-penalty", "1", "--ignore-eos", "--max-new-tokens",
                str(args.new_tokens), "--device", "cpu"]  # fmt: skip
-    cli_text = subprocess.run(command, capture_output=True, text=True, check=True).stdout.rstrip("\n")
+    # bytes, not text=True: universal newlines would turn a generated "\r" into "\n"
+    cli_text = subprocess.run(command, capture_output=True, check=True).stdout.decode().rstrip("\n")
     print(f"nanomind generate: {cli_text!r}")
 
     figures: dict = {"ckpt": str(ckpt), "prompts": len(prompts), "new_tokens": args.new_tokens}

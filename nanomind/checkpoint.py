@@ -55,15 +55,18 @@ def save(
     train_state: dict[str, Any] | None = None,
     keep_last: int = 0,
     info: dict[str, Any] | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write run_dir/step_NNNNNNN atomically; keep only the newest `keep_last` (0 = all)."""
+    """Write run_dir/step_NNNNNNN atomically; keep only the newest `keep_last` (0 = all). `weights`: the full
+    state dict when `model` is sharded (FSDP), gathered by the caller; else model.state_dict() is written."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = run / f"step_{step:07d}"
     tmp = run / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not lora.is_adapter_key(k)}
+    weights = model.state_dict() if weights is None else weights
+    state = {k: v.detach().contiguous() for k, v in weights.items() if not lora.is_adapter_key(k)}
     if lora.lora_layers(model):
         lora.save_adapter(model, tmp / ADAPTER_DIR, base=str((info or {}).get("init") or "") or None)
     if model.config.tie_word_embeddings:

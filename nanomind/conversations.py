@@ -150,20 +150,23 @@ class ChatBatches:
     """Endless SFT batches (the loop's BatchSource). packed: rows of several conversations with doc_ids; not
     packed: one conversation per row, padded to seq_len (the way minimind does it; kept for comparison).
 
-    Each epoch visits every row once in an order seeded by (seed, epoch); rank r of world takes rows r::world.
-    Packed, the rows of each run of GROUP_BATCHES global batches are sorted by length and every batch is cut to
-    its longest row, so rows that could not be filled (conversations longer than half a row cannot share one)
-    cost little padding."""
+    Each epoch visits every row once in an order seeded by (seed, epoch); each next() takes the following
+    world_size * batch_size rows of it (a global micro-batch) and rank r keeps rows r::world_size. The cursor
+    counts global rows, so a run resumes on any number of processes.
+    Packed, the rows of each run of GROUP_BATCHES optimizer steps (world_size * batch_size * grad_accum rows each)
+    are sorted by length and every batch is cut to its longest row, so rows that could not be filled
+    (conversations longer than half a row cannot share one) cost little padding. The order depends on the rows
+    per optimizer step only, not on how they are split into processes and micro-steps."""
 
     def __init__(self, data: ChatData, batch_size: int, seq_len: int, seed: int, packed: bool = True,
-                 rank: int = 0, world_size: int = 1):  # fmt: skip
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):  # fmt: skip
         lengths = [len(i) for i in data.ids]
         if not lengths:
             raise ValueError("no conversations to train on")
         self.rows = pack(lengths, seq_len) if packed else [[i] for i in range(len(lengths))]
         self.row_len = np.array([sum(lengths[i] for i in r) for r in self.rows])
         self.data, self.batch_size, self.seq_len, self.seed, self.packed = data, batch_size, seq_len, seed, packed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.epoch, self.position = 0, 0
         self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
 
@@ -172,7 +175,7 @@ class ChatBatches:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
         if not self.packed:
             return order
-        size = GROUP_BATCHES * self.batch_size * self.world_size
+        size = GROUP_BATCHES * self.batch_size * self.world_size * self.grad_accum
         return np.concatenate([g[np.argsort(-self.row_len[g], kind="stable")]
                                for g in np.split(order, range(size, len(order), size))])  # fmt: skip
 

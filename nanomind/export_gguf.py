@@ -3,15 +3,18 @@
 nanomind export gguf --ckpt runs/sft --out runs/model.gguf --type q8_0 --ollama
 
 llama.cpp needs no patch and no converter: the file carries the architecture (`qwen3` with qk-norm, `llama`
-without), the weights, and the tokenizer as llama.cpp's `gpt2` BPE: tokens, merges, special ids, chat template
-and `tokenizer.ggml.pre`, the name of the pre-tokenizer whose split regex llama.cpp runs. A self-trained
-tokenizer is unknown to llama.cpp's converter (it identifies tokenizers by a hash of their ids), so we name the
-pre-tokenizer from tokenizer.json directly, and only when its regex is exactly one llama.cpp implements.
+without; for MoE `qwen3moe`, and `llama` with experts, as llama.cpp runs Mixtral), the weights (each layer's
+experts stacked into 3-D `ffn_{gate,up,down}_exps` tensors, as llama.cpp stores them), and the tokenizer as
+llama.cpp's `gpt2` BPE: tokens, merges, special ids, chat template and `tokenizer.ggml.pre`, the name of the
+pre-tokenizer whose split regex llama.cpp runs. A self-trained tokenizer is unknown to llama.cpp's converter (it
+identifies tokenizers by a hash of their ids), so we name the pre-tokenizer from tokenizer.json directly, and only
+when its regex is exactly one llama.cpp implements.
 benchmarks/llamacpp_check.py checks the result against `nanomind generate` in llama.cpp itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,17 @@ import torch
 
 from nanomind import checkpoint
 from nanomind.config import arg, parse
-from nanomind.export import Arch, load_dense, rope_scaling
-from nanomind.model import ModelConfig
+from nanomind.export import (
+    GLM4_MOE,
+    MIXTRAL,
+    QWEN3_MOE,
+    Arch,
+    architecture,
+    check_weights,
+    load_checkpoint,
+    rope_scaling,
+)
+from nanomind.model import ModelConfig, Transformer
 from nanomind.tokenizer import CHAT_TEMPLATE, IM_END, Tokenizer
 
 # The GPT-2 split regex: tokenizers' ByteLevel(use_regex=True), our pre-tokenizer. llama.cpp implements it for
@@ -105,13 +117,49 @@ def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def add_hparams(w, cfg: ModelConfig) -> None:
+# llama.cpp's GLM-4.5 graph (`glm4moe`) runs the MoE its `qwen3moe` and `llama` graphs compute differently: those
+# always renormalise the top-k weights to sum 1 (no file key turns it off for them), so top-1 routing (the expert
+# weighted by its router probability) and norm_topk_prob=False need `glm4moe`, which reads expert_weights_norm
+# from the file, as it reads the gating function (softmax or sigmoid), the selection bias (exp_probs_b) and
+# shared experts. Its post-attention norm is stored as `post_attention_norm`.
+
+
+def gguf_architecture(model: Transformer) -> Arch:
+    """The llama.cpp architecture for the model: that of its transformers export where llama.cpp computes that
+    exactly, else, for MoE, `glm4moe`; a ValueError names a feature neither covers."""
+    cfg = model.config
+    if not cfg.num_experts:
+        return architecture(cfg)
+    try:
+        arch = architecture(cfg)
+        check_weights(model, arch)
+        if arch in (QWEN3_MOE, MIXTRAL) and cfg.num_experts_per_tok > 1 and cfg.norm_topk_prob:
+            return arch
+    except ValueError:
+        architecture(dataclasses.replace(cfg, num_experts=0))  # anything besides the MoE fields is still refused
+    return GLM4_MOE
+
+
+def add_hparams(w, cfg: ModelConfig, arch: Arch) -> None:
     import gguf
 
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    # llama.cpp's `llama` sizes its experts by feed_forward_length; `qwen3moe` by expert_feed_forward_length
+    w.add_feed_forward_length(cfg.moe_intermediate_size if arch is MIXTRAL else cfg.intermediate_size)
+    if cfg.num_experts:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if arch is GLM4_MOE:
+        w.add_leading_dense_block_count(0)
+        w.add_expert_shared_count(max(cfg.n_shared_experts, 1))  # none: one of zeros (see gguf_tensors)
+        w.add_expert_weights_norm(cfg.norm_topk_prob and cfg.num_experts_per_tok > 1)  # as moe.py: never at k = 1
+        w.add_expert_weights_scale(1.0)
+        func = gguf.ExpertGatingFuncType.SOFTMAX if cfg.scoring_func == "softmax" else gguf.ExpertGatingFuncType.SIGMOID
+        w.add_expert_gating_func(func)
+        w.add_nextn_predict_layers(0)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_key_length(cfg.head_dim)
@@ -140,13 +188,14 @@ FILE_TYPES = ("f32", "f16", "q8_0")
 
 def export_gguf(ckpt: str | Path, out: str | Path, type: str = "f32", tokenizer: str | Path | None = None,
                 name: str = "") -> Path:  # fmt: skip
-    """Write one GGUF file; returns its path. Norms stay f32; matrices become `type` (q8_0: rows of whole 32-blocks)."""
+    """Write one GGUF file; returns its path. Norms and MoE routers stay f32; the other matrices (experts
+    included) become `type` (q8_0: rows of whole 32-blocks)."""
     import gguf
 
     if type not in FILE_TYPES:
         raise ValueError(f"--type must be one of {FILE_TYPES}, got {type!r}")
-    path, model, arch = load_dense(ckpt)
-    cfg = model.config
+    path, model = load_checkpoint(ckpt)
+    arch, cfg = gguf_architecture(model), model.config
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out), arch.gguf_arch)
@@ -154,11 +203,12 @@ def export_gguf(ckpt: str | Path, out: str | Path, type: str = "f32", tokenizer:
     ftype = gguf.LlamaFileType
     w.add_file_type({"f32": ftype.ALL_F32, "f16": ftype.MOSTLY_F16, "q8_0": ftype.MOSTLY_Q8_0}[type])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_hparams(w, cfg)
+    add_hparams(w, cfg, arch)
     add_tokenizer(w, Path(tokenizer) if tokenizer else checkpoint.tokenizer_dir(path), cfg.vocab_size)
     for gguf_name, tensor in gguf_tensors(model.state_dict(), arch, cfg):
         data = tensor.float().numpy()
-        if data.ndim == 1 or type == "f32":
+        # the MoE router stays f32, as in llama.cpp's converter: rounding it would change which experts are chosen
+        if data.ndim == 1 or type == "f32" or ".ffn_gate_inp." in gguf_name:
             w.add_tensor(gguf_name, data)
         elif type == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
             q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
@@ -172,17 +222,50 @@ def export_gguf(ckpt: str | Path, out: str | Path, type: str = "f32", tokenizer:
     return out
 
 
+def stack_experts(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: Arch) -> dict[str, torch.Tensor]:
+    """Each MoE layer's `mlp.experts.{j}.{gate,up,down}_proj.weight` stacked over j into one [E, out, in] tensor
+    `mlp.experts.{gate,up,down}_proj.weight` (gguf's table maps it to `ffn_*_exps`). The balancing bias is left out
+    (unused: `gguf_architecture` checked it) except for `glm4moe`, which always adds it for choosing: there it is
+    the bias, or zeros while moe.py ignores it; and `glm4moe` always runs a shared expert: without ours, one of zeros
+    (SwiGLU of zero weights adds exactly 0)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key.endswith("e_score_correction_bias"):
+            if arch is GLM4_MOE:
+                out[key] = tensor if cfg.router_bias_update_rate else torch.zeros_like(tensor)
+            continue
+        if arch is GLM4_MOE and not cfg.n_shared_experts and key.endswith(".mlp.gate.weight"):
+            layer = key.removesuffix(".gate.weight")
+            c, i = cfg.hidden_size, cfg.moe_intermediate_size
+            for proj, shape in [("gate_proj", (i, c)), ("up_proj", (i, c)), ("down_proj", (c, i))]:
+                out[f"{layer}.shared_experts.{proj}.weight"] = torch.zeros(shape)
+        head, sep, tail = key.partition(".mlp.experts.")
+        if not sep:
+            out[key] = tensor
+        elif tail.startswith("0."):  # expert 0 stands for the stack
+            proj = tail.removeprefix("0.").removesuffix(".weight")
+            out[f"{head}.mlp.experts.{proj}.weight"] = torch.stack(
+                [state[f"{head}.mlp.experts.{j}.{proj}.weight"] for j in range(cfg.num_experts)]
+            )
+    return out
+
+
 def gguf_tensors(state: dict[str, torch.Tensor], arch: Arch, cfg: ModelConfig):
     """(GGUF name, tensor) pairs, named by gguf's own HF -> GGUF table; a tied lm_head is left out, since llama.cpp
-    falls back to token_embd for the output when `output.weight` is missing."""
+    falls back to token_embd for the output when `output.weight` is missing. Experts come stacked, [E, out, in]
+    (GGUF's reversed dims: {in, out, E}, llama.cpp's layout)."""
     import gguf
 
     model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch.gguf_arch)
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
+    if cfg.num_experts:
+        state = stack_experts(state, cfg, arch)
     for key, tensor in state.items():
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
-        name = names.get_name(key, try_suffixes=(".weight",))
+        if key.endswith(".mlp.e_score_correction_bias"):  # llama.cpp's converter: `exp_probs_b.bias`
+            key = key.replace(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction.bias")
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         assert name is not None, f"gguf has no name for {key}"
         if arch.gguf_permute_qk and key.endswith("q_proj.weight"):
             tensor = permute_qk(tensor, cfg.num_attention_heads)

@@ -32,18 +32,21 @@ CASES = [
 GREEDY = SamplingConfig(max_new_tokens=32, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
 
 
-def make_checkpoint(tmp_path, tokenizer_dir, qk_norm=True, tied=True, scaling=None):
+def make_checkpoint(tmp_path, tokenizer_dir, qk_norm=True, tied=True, scaling=None, **moe):
     """A saved `debug` model with a wide init (clear argmax margins for greedy decoding) and random norm weights
-    (so a norm mapped to the wrong tensor shows)."""
+    (so a norm mapped to the wrong tensor shows); `moe`: MoE fields (num_experts=4, ...)."""
     torch.manual_seed(0)
     vocab = Tokenizer.load(tokenizer_dir).vocab_size
     cfg = preset("debug", vocab_size=vocab, qk_norm=qk_norm, tie_word_embeddings=tied, rope_scaling=scaling,
-                 max_position_embeddings=128, rope_theta=10000.0, initializer_range=0.2)  # fmt: skip
+                 max_position_embeddings=128, rope_theta=10000.0, initializer_range=0.2, **moe)  # fmt: skip
     model = Transformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias") and cfg.router_bias_update_rate:
+                buf.uniform_(-0.3, 0.3)  # as aux-loss-free balancing leaves it: it changes choices
     return model, checkpoint.save(tmp_path / "run", 7, model, tokenizer_dir=tokenizer_dir)
 
 
@@ -91,6 +94,133 @@ def test_import_of_export_is_bitwise_identical(tmp_path, tokenizer_dir, qk_norm,
         assert (back / "tokenizer" / name).read_bytes() == (ckpt / "tokenizer" / name).read_bytes()
 
 
+# MoE: Qwen3-MoE top-2 (renormalised or not) and top-1, and Mixtral (no qk-norm) top-2; 4 experts of 96
+# (qk_norm, tied, moe fields)
+MOE = dict(num_experts=4, moe_intermediate_size=96)
+SIGMOID = dict(MOE, scoring_func="sigmoid")
+MOE_CASES = [
+    (True, True, dict(MOE, num_experts_per_tok=2)),
+    (True, False, dict(MOE, num_experts_per_tok=1)),
+    (True, True, dict(MOE, num_experts_per_tok=2, norm_topk_prob=False)),
+    (False, False, dict(num_experts=4, num_experts_per_tok=2)),  # Mixtral: its experts are intermediate_size wide
+    (False, True, dict(MOE, num_experts_per_tok=2, n_shared_experts=1)),  # minimind-moe's layout
+    (False, False, dict(MOE, num_experts_per_tok=1, n_shared_experts=2)),
+    # DeepSeek-V3-style routing: sigmoid scores, the selection bias in use, shared experts or none
+    (True, True, dict(SIGMOID, num_experts_per_tok=2, n_shared_experts=1, router_bias_update_rate=1e-3)),
+    (False, False, dict(SIGMOID, num_experts_per_tok=1)),
+]
+MOE_IDS = ["qwen3moe-top2", "qwen3moe-top1", "qwen3moe-top2-unnormalised", "mixtral-top2", "qwen2moe-top2-shared",
+           "qwen2moe-top1-2shared", "glm4moe-sigmoid-shared-bias", "glm4moe-sigmoid-top1"]  # fmt: skip
+MOE_CLASS = {"qwen3moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM",
+             "glm4moe": "Glm4MoeForCausalLM"}  # fmt: skip
+
+
+@pytest.mark.parametrize("qk_norm,tied,moe", MOE_CASES, ids=MOE_IDS)
+def test_transformers_moe_gives_our_logits_and_greedy_tokens(tmp_path, tokenizer_dir, qk_norm, tied, moe, request):
+    model, ckpt = make_checkpoint(tmp_path, tokenizer_dir, qk_norm, tied, **moe)
+    out = export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == MOE_CLASS[request.node.callspec.id.split("-")[0]]
+    ids = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        diff = (hf(ids).logits - ref).abs().max().item()
+        assert diff < 1e-4
+        if moe["num_experts_per_tok"] == 1:  # HF's renormalisation would weigh the one expert 1.0: not our model
+            assert hf.config.norm_topk_prob is False
+            for layer in hf.model.layers:
+                layer.mlp.gate.norm_topk_prob = True
+            assert (hf(ids).logits - ref).abs().max().item() > 1e-2
+            for layer in hf.model.layers:
+                layer.mlp.gate.norm_topk_prob = False
+    prompt = ids[0, :10].tolist()
+    ours = list(generate(model, prompt, GREEDY))
+    hf.generation_config.eos_token_id = None
+    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32)[0, len(prompt) :].tolist()
+    assert len(ours) == 32 and ours == theirs
+
+
+@pytest.mark.parametrize("qk_norm,tied,moe", MOE_CASES, ids=MOE_IDS)
+def test_import_of_moe_export_is_bitwise_identical(tmp_path, tokenizer_dir, qk_norm, tied, moe, request):
+    model, ckpt = make_checkpoint(tmp_path, tokenizer_dir, qk_norm, tied, **moe)
+    hf_dir = export_hf(ckpt, tmp_path / "hf")
+    hf_state = load_file(str(hf_dir / "model.safetensors"))
+    mixtral = request.node.callspec.id.startswith("mixtral")
+    expert = "model.layers.1.block_sparse_moe.experts.3.w3.weight" if mixtral else (
+        "model.layers.1.mlp.experts.3.up_proj.weight")  # fmt: skip  # the Hub's per-expert layouts
+    biases = {k for k in hf_state if "e_score_correction_bias" in k}  # GLM-4.5's router has it, the others none
+    glm = request.node.callspec.id.startswith("glm4moe")
+    assert expert in hf_state
+    assert biases == ({f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in range(2)} if glm else set())
+    if request.node.callspec.id.startswith("qwen2moe"):  # gate sigmoid(0) = 0.5 times a doubled down_proj
+        assert not hf_state["model.layers.0.mlp.shared_expert_gate.weight"].any()
+        ours = model.model.layers[0].mlp.shared_experts.down_proj.weight
+        assert torch.equal(hf_state["model.layers.0.mlp.shared_expert.down_proj.weight"], ours * 2)
+    back = import_hf(hf_dir, tmp_path / "imported")
+    a, b = load_file(str(ckpt / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert checkpoint.load_config(back) == checkpoint.load_config(ckpt)
+
+
+def test_import_reads_experts_fused_by_transformers(tmp_path, tokenizer_dir):
+    """transformers 5 holds experts as 3-D `experts.gate_up_proj` / `down_proj`: a checkpoint written that way
+    imports to the same weights."""
+    _, ckpt = make_checkpoint(tmp_path, tokenizer_dir, num_experts=4, moe_intermediate_size=96)
+    hf_dir = export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    fused = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    assert fused["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 192, 64)
+    from safetensors.torch import save_file
+
+    save_file(fused, str(hf_dir / "model.safetensors"))
+    back = import_hf(hf_dir, tmp_path / "imported")
+    a, b = load_file(str(ckpt / "model.safetensors")), load_file(str(back / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_import_refuses_a_gated_shared_expert(tmp_path, tokenizer_dir):
+    _, ckpt = make_checkpoint(tmp_path, tokenizer_dir, False, num_experts=4, n_shared_experts=1)
+    hf_dir = export_hf(ckpt, tmp_path / "hf")
+    state = load_file(str(hf_dir / "model.safetensors"))
+    state["model.layers.1.mlp.shared_expert_gate.weight"][0, 3] = 0.1
+    from safetensors.torch import save_file
+
+    save_file(state, str(hf_dir / "model.safetensors"))
+    with pytest.raises(ValueError, match="layers.1.mlp.shared_expert_gate.weight.*nonzero: a gated shared expert"):
+        import_hf(hf_dir, tmp_path / "imported")
+
+
+def test_import_refuses_moe_our_model_cannot_run():
+    dims = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    base = dict(dims, intermediate_size=64, num_experts=4, moe_intermediate_size=16)
+    with pytest.raises(ValueError, match="mixes dense and MoE layers"):
+        model_config_from_hf(transformers.Qwen3MoeConfig(**base, mlp_only_layers=[1]))
+    with pytest.raises(ValueError, match="mixes dense and MoE layers"):
+        model_config_from_hf(transformers.Qwen3MoeConfig(**base, decoder_sparse_step=2))
+    with pytest.raises(ValueError, match="num_experts_per_tok=1 with norm_topk_prob=True"):
+        model_config_from_hf(transformers.Qwen3MoeConfig(**base, num_experts_per_tok=1, norm_topk_prob=True))
+    cfg = model_config_from_hf(transformers.Qwen3MoeConfig(**base, num_experts_per_tok=2, norm_topk_prob=False))
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.qk_norm) == (4, 2, False, True)
+    with pytest.raises(ValueError, match="shared expert is 24 wide, not a multiple of its experts' 16"):
+        model_config_from_hf(transformers.Qwen2MoeConfig(**base, shared_expert_intermediate_size=24))
+    cfg = model_config_from_hf(transformers.Qwen2MoeConfig(**base, shared_expert_intermediate_size=32))
+    assert (cfg.n_shared_experts, cfg.qk_norm) == (2, False)
+    mixtral = dict(dims, num_local_experts=4, intermediate_size=16)
+    with pytest.raises(ValueError, match="num_experts_per_tok=1 .*Mixtral weighs the one expert 1.0"):
+        model_config_from_hf(transformers.MixtralConfig(**mixtral, num_experts_per_tok=1))
+    with pytest.raises(ValueError, match="sliding_window"):
+        model_config_from_hf(transformers.MixtralConfig(**mixtral, sliding_window=32))
+    glm = dict(dims, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, partial_rotary_factor=1.0,
+               first_k_dense_replace=0)  # fmt: skip
+    cfg = model_config_from_hf(transformers.Glm4MoeConfig(**glm, use_qk_norm=True))
+    assert (cfg.scoring_func, cfg.n_shared_experts, cfg.qk_norm) == ("sigmoid", 1, True)
+    for bad, match in [(dict(first_k_dense_replace=1), "dense leading layers"), (dict(n_group=2), "group-limited"),
+                       (dict(routed_scaling_factor=2.5), "routed_scaling_factor=2.5"),
+                       (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            model_config_from_hf(transformers.Glm4MoeConfig(**glm | bad))
+
+
 def test_import_refuses_what_our_model_cannot_run(tmp_path):
     base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     with pytest.raises(ValueError, match="attention_bias"):
@@ -105,10 +235,30 @@ def test_import_refuses_what_our_model_cannot_run(tmp_path):
         import_hf(tmp_path, tmp_path / "out")
 
 
-def test_export_names_features_it_cannot_map():
-    assert architecture(preset("debug")).hf_class == "LlamaForCausalLM"  # MoE fields at their defaults: dense
-    with pytest.raises(ValueError, match="num_experts=4.*no mapping yet"):
-        architecture(preset("debug", num_experts=4))
+def test_export_names_features_it_cannot_map(tmp_path, tokenizer_dir):
+    assert architecture(preset("debug")).hf_class == "LlamaForCausalLM"
+    assert architecture(preset("debug", num_experts_per_tok=1, scoring_func="sigmoid")).hf_class == "LlamaForCausalLM"
+    assert architecture(preset("minimind3-moe")).hf_class == "Qwen3MoeForCausalLM"
+    assert architecture(preset("minimind-moe")).hf_class == "Qwen2MoeForCausalLM"
+    with pytest.raises(ValueError, match="n_shared_experts=1 with qk_norm.*no native class has both"):
+        architecture(preset("minimind-moe", qk_norm=True))
+    sigmoid = preset("minimind-moe", qk_norm=True, scoring_func="sigmoid", router_bias_update_rate=1e-3)
+    assert architecture(sigmoid).hf_class == "Glm4MoeForCausalLM"
+    with pytest.raises(ValueError, match="without qk_norm.*num_experts_per_tok=1.*Mixtral"):
+        architecture(preset("debug", num_experts=4, num_experts_per_tok=1))
+    with pytest.raises(ValueError, match="without qk_norm.*norm_topk_prob=False.*Mixtral"):
+        architecture(preset("debug", num_experts=4, norm_topk_prob=False))
+    # the aux-loss-free bias: refused once it would change which experts are chosen, and only then
+    model, _ = make_checkpoint(tmp_path, tokenizer_dir, num_experts=4, router_bias_update_rate=1e-3)
+    for layer in model.model.layers:
+        layer.mlp.e_score_correction_bias.zero_()  # as before the first step: the model routes as Qwen3-MoE does
+    export_hf(checkpoint.save(tmp_path / "unbiased", 8, model, tokenizer_dir=tokenizer_dir), tmp_path / "hf")
+    model.model.layers[1].mlp.e_score_correction_bias[2] = 0.05
+    ckpt = checkpoint.save(tmp_path / "biased", 8, model, tokenizer_dir=tokenizer_dir)
+    with pytest.raises(ValueError, match="layers.1.mlp.e_score_correction_bias is nonzero.*with softmax scores"):
+        export_hf(ckpt, tmp_path / "hf2")
+    meta, _ = read_gguf(export_gguf(ckpt, tmp_path / "m.gguf"))  # llama.cpp's glm4moe has the bias
+    assert meta["general.architecture"] == "glm4moe"
 
 
 def test_a_lora_run_exports_merged(tmp_path, tokenizer_dir):
@@ -177,6 +327,81 @@ def test_gguf_reads_back_with_tensors_and_metadata(tmp_path, tokenizer_dir, qk_n
         np.testing.assert_allclose(back, ours, rtol=0, atol=atol)
 
 
+@pytest.mark.parametrize("qk_norm,tied,kind", [(True, True, "f32"), (False, False, "f16"), (True, False, "q8_0")])
+def test_gguf_moe_reads_back_with_stacked_experts(tmp_path, tokenizer_dir, qk_norm, tied, kind):
+    width = 96 if qk_norm else 192  # Mixtral's (llama.cpp `llama`) experts are intermediate_size wide
+    model, ckpt = make_checkpoint(tmp_path, tokenizer_dir, qk_norm, tied, num_experts=4, moe_intermediate_size=width)
+    meta, tensors = read_gguf(export_gguf(ckpt, tmp_path / "m.gguf", kind))
+    arch = "qwen3moe" if qk_norm else "llama"
+    assert meta["general.architecture"] == arch
+    expected = {"block_count": 2, "embedding_length": 64, "feed_forward_length": 192, "expert_count": 4,
+                "expert_used_count": 2, "expert_feed_forward_length": width, "attention.head_count_kv": 2}  # fmt: skip
+    assert {k: meta[f"{arch}.{k}"] for k in expected} == expected
+    names = {"token_embd", "output_norm"} | ({"output"} if not tied else set())
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate_inp",
+                 "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"]  # fmt: skip
+    per_layer += ["attn_q_norm", "attn_k_norm"] if qk_norm else []
+    names |= {f"blk.{i}.{n}" for i in range(2) for n in per_layer}
+    assert set(tensors) == {n + ".weight" for n in names}
+    state, matrix_type = model.state_dict(), {"f32": "F32", "f16": "F16", "q8_0": "Q8_0"}[kind]
+    for proj, gguf_name in [("gate_proj", "blk.1.ffn_gate_exps.weight"), ("down_proj", "blk.0.ffn_down_exps.weight")]:
+        layer = gguf_name.split(".")[1]
+        ours = torch.stack([state[f"model.layers.{layer}.mlp.experts.{j}.{proj}.weight"] for j in range(4)]).numpy()
+        t = tensors[gguf_name]
+        assert t.tensor_type.name == matrix_type and list(t.shape) == list(ours.shape[::-1])  # llama.cpp's {in, out, E}
+        back = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+        atol = {"f32": 0.0, "f16": 1e-3, "q8_0": np.abs(ours).max() / 254 * 1.01}[kind]
+        np.testing.assert_allclose(back, ours, rtol=0, atol=atol)
+    router = tensors["blk.0.ffn_gate_inp.weight"]  # f32 whatever the type: its rounding would change the choices
+    assert router.tensor_type.name == "F32" and list(router.shape) == [64, 4]
+    np.testing.assert_array_equal(router.data.reshape(4, 64), state["model.layers.0.mlp.gate.weight"].numpy())
+
+
+# MoE that llama.cpp's qwen3moe / llama graphs compute differently (they always renormalise the top-k weights) or
+# cannot express (shared experts, sigmoid, the selection bias) goes to its `glm4moe` graph: (qk_norm, moe fields)
+GLM_CASES = [
+    (True, dict(MOE, num_experts_per_tok=1)),  # minimind3-moe's routing
+    (False, dict(MOE, num_experts_per_tok=2, n_shared_experts=1)),  # minimind-moe's
+    (True, dict(MOE, num_experts_per_tok=2, norm_topk_prob=False)),
+    (False, dict(MOE, num_experts_per_tok=2, n_shared_experts=1, scoring_func="sigmoid", router_bias_update_rate=1e-3)),
+]
+GLM_IDS = ["top1", "shared", "unnormalised", "sigmoid-shared-bias"]
+
+
+def make_glm_checkpoint(tmp_path, tokenizer_dir, qk_norm, moe):
+    model, _ = make_checkpoint(tmp_path, tokenizer_dir, qk_norm, **moe)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # as aux-loss-free balancing leaves it
+                buf.uniform_(-0.3, 0.3)
+    return model, checkpoint.save(tmp_path / "glm", 9, model, tokenizer_dir=tokenizer_dir)
+
+
+@pytest.mark.parametrize("qk_norm,moe", GLM_CASES, ids=GLM_IDS)
+def test_gguf_moe_beyond_qwen3moe_is_glm4moe(tmp_path, tokenizer_dir, qk_norm, moe):
+    model, ckpt = make_glm_checkpoint(tmp_path, tokenizer_dir, qk_norm, moe)
+    cfg = model.config
+    meta, tensors = read_gguf(export_gguf(ckpt, tmp_path / "m.gguf", "q8_0"))
+    assert meta["general.architecture"] == "glm4moe"
+    k = cfg.num_experts_per_tok
+    expected = {"expert_count": 4, "expert_used_count": k, "expert_feed_forward_length": 96,
+                "expert_shared_count": 1, "leading_dense_block_count": 0,
+                "expert_weights_norm": cfg.norm_topk_prob and k > 1,
+                "expert_gating_func": 1 if cfg.scoring_func == "softmax" else 2}  # fmt: skip
+    assert {key: meta[f"glm4moe.{key}"] for key in expected} == expected
+    per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "post_attention_norm", "ffn_gate_inp"]
+    per_layer += [f"ffn_{p}_{e}" for p in ("gate", "up", "down") for e in ("exps", "shexp")]
+    per_layer += ["attn_q_norm", "attn_k_norm"] if qk_norm else []
+    names = {"token_embd.weight", "output_norm.weight"} | {f"blk.{i}.{n}.weight" for i in range(2) for n in per_layer}
+    assert set(tensors) == names | {"blk.0.exp_probs_b.bias", "blk.1.exp_probs_b.bias"}
+    bias = tensors["blk.1.exp_probs_b.bias"].data
+    ours = model.model.layers[1].mlp.e_score_correction_bias.numpy()
+    np.testing.assert_array_equal(bias, ours if cfg.router_bias_update_rate else np.zeros(4))  # unused: zeros
+    shared = gguf.quants.dequantize(tensors["blk.0.ffn_down_shexp.weight"].data, gguf.GGMLQuantizationType.Q8_0)
+    if not cfg.n_shared_experts:  # llama.cpp's glm4moe always runs one: zeros add exactly nothing
+        assert shared.shape == (64, 96) and not shared.any()
+
+
 def test_permute_qk_pairs_the_halves_of_each_head():
     w = torch.arange(8.0)[:, None].repeat(1, 3)  # 2 heads of head_dim 4: rows [0 1 | 2 3] and [4 5 | 6 7]
     assert permute_qk(w, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
@@ -213,15 +438,24 @@ def test_cli_exports_imports_and_explains_errors(tmp_path, tokenizer_dir, capsys
 
 
 # llama.cpp itself: opt-in, since llama-cpp-python compiles llama.cpp on install (about 3 minutes on 2 cores)
-LLAMA_CASES = [(True, True, None), (False, False, CASES[2][2]), (True, False, CASES[3][2])]
+# (qk_norm, tied, scaling, moe): qwen3 and llama, and MoE as qwen3moe and as llama with experts (Mixtral)
+LLAMA_CASES = [(True, True, None, {}), (False, False, CASES[2][2], {}), (True, False, CASES[3][2], {}),
+               (True, True, None, MOE_CASES[0][2]), (False, False, None, MOE_CASES[3][2])]  # fmt: skip
+LLAMA_CASES += [(qk_norm, False, None, moe) for qk_norm, moe in GLM_CASES]
+LLAMA_IDS = ["qwen3", "llama-linear", "qwen3-yarn", "qwen3moe-top2", "llama-moe-top2"] + [
+    f"glm4moe-{i}" for i in GLM_IDS
+]
 
 
-@pytest.mark.parametrize("qk_norm,tied,scaling", LLAMA_CASES)
-def test_llamacpp_generates_our_greedy_tokens(tmp_path, tokenizer_dir, qk_norm, tied, scaling):
+@pytest.mark.parametrize("qk_norm,tied,scaling,moe", LLAMA_CASES, ids=LLAMA_IDS)
+def test_llamacpp_generates_our_greedy_tokens(tmp_path, tokenizer_dir, qk_norm, tied, scaling, moe):
     llama_cpp = pytest.importorskip(
         "llama_cpp", reason="llama-cpp-python is not installed (opt-in: pip install -e '.[llamacpp]', ~3 min build)"
     )
-    model, ckpt = make_checkpoint(tmp_path, tokenizer_dir, qk_norm, tied, scaling)
+    if moe in [m for _, m in GLM_CASES]:
+        model, ckpt = make_glm_checkpoint(tmp_path, tokenizer_dir, qk_norm, moe)
+    else:
+        model, ckpt = make_checkpoint(tmp_path, tokenizer_dir, qk_norm, tied, scaling, **moe)
     tok = Tokenizer.load(tokenizer_dir)
     path = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
     # f32 KV cache (type 0): the default f16 cache alone moves logits by ~1e-2

@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse(DistillConfig, argv, "nanomind distill", __doc__.splitlines()[0])
     result = run(cfg)
+    if dist_env()[0] != 0:
+        return  # under torchrun, rank 0 reports
     print(f"finished at step {result.step}; checkpoint: {result.checkpoint}")
     if result.evals:
         print(f"validation: student assistant-token loss {result.evals[-1]['val_loss']:.4f}")

@@ -162,21 +162,22 @@ def length_batches(data: Pairs, index: list[int], batch_size: int) -> list[list[
 
 class PairBatches:
     """Endless DPO batches (the loop's BatchSource): each epoch visits every training pair once in an order seeded
-    by (seed, epoch), pairs of similar length grouped; rank r of world takes pairs r::world."""
+    by (seed, epoch), pairs of similar length grouped (GROUP_BATCHES optimizer steps at a time, so the order does not
+    depend on how a step is split into processes and micro-steps); rank r of world takes pairs r::world."""
 
     def __init__(self, data: Pairs, index: list[int], batch_size: int, seq_len: int, seed: int,
-                 rank: int = 0, world_size: int = 1):  # fmt: skip
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):  # fmt: skip
         if not index:
             raise ValueError("no preference pairs to train on")
         self.data, self.index, self.batch_size, self.seq_len, self.seed = data, index, batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.lengths = np.array([data.length(i) for i in index])
         self.epoch, self.position = 0, 0
         self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
 
     def order(self, epoch: int) -> np.ndarray:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
-        size = GROUP_BATCHES * self.batch_size * self.world_size
+        size = GROUP_BATCHES * self.batch_size * self.world_size * self.grad_accum
         return np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")]
                                for g in np.split(order, range(size, len(order), size))])  # fmt: skip
 
@@ -289,7 +290,7 @@ def run(cfg: DPOConfig) -> TrainResult:
         print(f"{len(train_index)} train / {sum(map(len, val_batches))} evaluated held-out pairs; "
               "reference log-probs computed once")  # fmt: skip
         print(f"model: {cfg.init}, {model.num_params() / 1e6:.2f}M parameters, device {device}, {cfg.dtype}")
-    batches = PairBatches(data, train_index, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+    batches = PairBatches(data, train_index, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, cfg.grad_accum)
     eval_fn = make_eval_fn(data, val_batches, cfg.seq_len, cfg.beta)
     return train(model, cfg, batches, make_loss_fn(cfg.beta), eval_fn, tokenizer_dir=tok_dir,
                  info={"stage": "dpo", "init": str(cfg.init), "data": cfg.data, "beta": cfg.beta})  # fmt: skip
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse(DPOConfig, argv, "nanomind dpo", __doc__.splitlines()[0])
     result = run(cfg)
+    if dist_env()[0] != 0:
+        return  # under torchrun, rank 0 reports
     print(f"finished at step {result.step}; checkpoint: {result.checkpoint}")
     if result.evals:
         e = result.evals[-1]

@@ -1,13 +1,20 @@
 """The one training loop. A stage supplies batches, a loss function and an evaluation; the loop owns the rest:
 gradient accumulation, mixed precision, clipping, the LR schedule, logging, checkpoints and resuming.
 
-Runs as is under `torchrun` too: each rank reads its own rows (the batch source takes rank/world_size),
-gradients are averaged by DDP, and only rank 0 logs and writes checkpoints.
+Runs as is under `torchrun` too (backend nccl on CUDA, gloo on CPU). Each rank reads its own rows of every global
+batch (the batch source takes rank/world_size and keeps a cursor in the global stream, so a run resumes on any
+number of processes). Gradients are averaged by DDP, or with `--fsdp` parameters, gradients and optimizer state
+are sharded by FSDP2 (`fully_shard`, one unit per block and one for the root); either way the micro-steps of a
+gradient accumulation skip the all-reduce until the last one. Only rank 0 logs, evaluates (every rank under
+FSDP, which needs all of them for a forward) and writes checkpoints, which are always consolidated: full weights
+and the full optimizer state keyed by parameter name, so they load the same with or without FSDP at any size.
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
+import inspect
 import math
 import os
 import signal
@@ -71,6 +78,7 @@ class TrainConfig:
     lora_rank: int = arg(0, "train LoRA adapters of this rank instead of the weights (0 = full training)")
     lora_alpha: float = arg(16.0, "LoRA scale: the adapter's output is multiplied by alpha / rank")
     lora_targets: list[str] = arg(list(TARGETS), "layers that get adapters (comma- or space-separated)")
+    fsdp: bool = arg(False, "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
@@ -83,6 +91,9 @@ class TrainConfig:
         if self.lora_rank < 0 or unknown or not self.lora_targets:
             raise ValueError(f"--lora-rank must be >= 0 and --lora-targets a subset of {','.join(TARGETS)}; "
                              f"got rank {self.lora_rank}, unknown targets {unknown}")  # fmt: skip
+        if self.fsdp and self.lora_rank:
+            raise ValueError("--fsdp with --lora-rank: LoRA trains few parameters, so sharding buys little; "
+                             "drop --fsdp (DDP is the default under torchrun)")  # fmt: skip
 
 
 @dataclass
@@ -124,11 +135,103 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def dist_env() -> tuple[int, int]:
-    """(rank, world_size); initialises the process group when launched by torchrun."""
+    """(rank, world_size); initialises the process group when launched by torchrun (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT and LOCAL_RANK in the environment): nccl for CUDA tensors, gloo for CPU ones."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # one GPU per process
+        dist.init_process_group("cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def rank0_first(fn: Callable[[], Any]) -> Any:
+    """fn() run by rank 0 alone (work that writes files, such as preparing data), its result sent to every rank."""
+    rank, world = dist_env()
+    box = [fn() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)  # the other ranks wait here until rank 0 is done
+    return box[0]
+
+
+def distribute(model: Transformer, cfg: TrainConfig, world: int, device: torch.device) -> torch.nn.Module:
+    """The module to call for training: `model` itself (one process, or FSDP2, which shards it in place: each
+    block is one unit, gathered for its forward and backward, and the root holds the embeddings, final norm
+    and tied lm_head), or a DDP wrapper around it. FSDP2 does not broadcast weights: every rank must build the
+    same initial weights (the stages seed before building the model, or load a checkpoint)."""
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            raise ValueError(f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is {torch.__version__}") from None
+        mesh = init_device_mesh(device.type, (world,))
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    # no buffer broadcast before every forward: the RoPE tables are the same everywhere (and large), and MoE
+    # keeps its load counts per rank and its biases in step itself (model/moe.py). Newer torch renamed the flag.
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
+    )
+    return ddp(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False})
+
+
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict of a sharded model on rank 0, on the CPU (empty elsewhere); every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _rekey(state: dict[str, Any], key: list[str] | dict[str, int]) -> dict[str, Any]:
+    """A torch.optim state dict with its parameter references (numbers or names) mapped through `key`."""
+    groups = [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]
+    return {"state": {key[k]: v for k, v in state["state"].items()}, "param_groups": groups}
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> dict[str, Any]:
+    """The full optimizer state keyed by parameter name, so that it loads with or without FSDP at any world size.
+    Sharded, every rank must call this (the state is gathered; rank 0 receives it, on the CPU)."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return _rekey(optimizer.state_dict(), _param_names(model, optimizer))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         sharded: bool) -> None:  # fmt: skip
+    """Load a state from optimizer_state() (sharded: each rank keeps its slice), or from a checkpoint written
+    before the name keys, whose parameters are numbered in optimizer order as torch.optim saves them."""
+    names = _param_names(model, optimizer)
+    numbered = any(isinstance(k, int) for g in state["param_groups"] for k in g["params"])
+    if not sharded:
+        optimizer.load_state_dict(state if numbered else _rekey(state, {n: i for i, n in enumerate(names)}))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = _rekey(state, names) if numbered else state
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to max_norm; returns the norm before clipping (over all shards under FSDP)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # a DTensor under FSDP
 
 
 def keep_freed_memory() -> None:
@@ -215,13 +318,11 @@ def train(
         if master:
             print(f"LoRA rank {cfg.lora_rank} on {','.join(cfg.lora_targets)}: {trainable / 1e6:.3f}M trainable "
                   f"of {model.num_params() / 1e6:.2f}M parameters")  # fmt: skip
-    optimizer = make_optimizer(model, cfg, device)
-    step = 0
+    step, state = 0, None
     if cfg.resume and checkpoint.step_dirs(cfg.out):
         ckpt = checkpoint.resolve(cfg.out)
-        checkpoint.load_weights(model, ckpt)
+        checkpoint.load_weights(model, ckpt)  # full weights on every rank, before FSDP shards them
         state = checkpoint.load_train_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["data"])
         set_rng_state(state["rng"], device)
         step = state["step"]
@@ -233,11 +334,13 @@ def train(
         raise ValueError(f"{cfg.out} already holds checkpoints (newest: {checkpoint.step_dirs(cfg.out)[-1].name}); "
                          "pass --resume to continue that run, or choose another --out")  # fmt: skip
 
-    wrapped: torch.nn.Module = model
-    if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
+    sharded = cfg.fsdp and world > 1
+    if cfg.fsdp and world == 1 and master:
+        print("--fsdp: a single process has nothing to shard; training without it")
+    wrapped = distribute(model, cfg, world, device)
+    optimizer = make_optimizer(model, cfg, device)  # after sharding: FSDP's optimizer holds the local shards
+    if state is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"], sharded)
     if cfg.compile:
         wrapped = torch.compile(wrapped)
 
@@ -247,24 +350,31 @@ def train(
     result = TrainResult(step=step)
     info = {**(info or {}), "train_config": asdict(cfg)}
 
-    saved_at = -1
+    saved_at = evaluated_at = -1
 
     def save() -> Path | None:
         nonlocal saved_at
-        if not master or saved_at == step:
-            return result.checkpoint  # already written at this step
+        if saved_at == step or not (master or sharded):
+            return result.checkpoint  # already written at this step, or not this rank's job
         saved_at = step
-        state = {"step": step, "optimizer": optimizer.state_dict(), "data": batches.state_dict(),
-                 "rng": rng_state(device)}  # fmt: skip
-        return checkpoint.save(cfg.out, step, model, tokenizer_dir, state, cfg.keep_last, info)
+        weights = full_weights(model) if sharded else None  # consolidated: gathered from every rank to rank 0
+        optim = optimizer_state(model, optimizer, sharded)
+        if not master:
+            return None
+        state = {"step": step, "optimizer": optim, "data": batches.state_dict(), "rng": rng_state(device)}
+        return checkpoint.save(cfg.out, step, model, tokenizer_dir, state, cfg.keep_last, info, weights)
 
     def evaluate() -> None:
-        if eval_fn is None or not master or (result.evals and result.evals[-1]["step"] == step):
-            return
+        nonlocal evaluated_at
+        if eval_fn is None or evaluated_at == step or not (master or sharded):
+            return  # a sharded model needs every rank for a forward; the others run it and drop the result
+        evaluated_at = step
         model.eval()
         with torch.no_grad(), autocast(device, cfg.dtype):
             metrics = {"step": step, **eval_fn(model)}
         model.train()
+        if not master:
+            return
         result.evals.append(metrics)
         bar.write(
             "step {step:>6}  ".format(**metrics) + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step")
@@ -290,23 +400,32 @@ def train(
             micro = [batches.next() for _ in range(cfg.grad_accum)]
             weights = [float(b["n_targets"]) if "n_targets" in b else 1.0 for b in micro]
             total_w = sum(weights)
-            if world > 1:  # the global mean over all ranks' targets; DDP then averages, hence the * world below
-                t = torch.tensor(total_w, device=device)
+            if world > 1:  # the global mean over all ranks' targets; DDP/FSDP then average, hence the / world
+                t = torch.tensor(total_w, device=device, dtype=torch.float64)
                 dist.all_reduce(t)
                 total_w = t.item() / world
-            step_loss = 0.0
+            step_loss = step_tokens = 0.0
             for i, batch in enumerate(micro):
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                sync = wrapped.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext()  # type: ignore[operator]
+                last = i == len(micro) - 1  # gradients are reduced across ranks in the last micro-step only
+                if sharded:
+                    model.set_requires_gradient_sync(last)  # type: ignore[operator]
+                sync = wrapped.no_sync() if world > 1 and not sharded and not last else nullcontext()  # type: ignore[operator]
                 with sync, autocast(device, cfg.dtype):
                     loss, metrics = loss_fn(wrapped, batch)
                 scaled = loss * (weights[i] / total_w)
                 scaled.backward()
                 step_loss += scaled.item()
-                tokens_since_log += int(metrics.get("tokens", batch["input_ids"].numel())) * world
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip > 0 else 0.0
-            )
+                step_tokens += metrics.get("tokens", batch["input_ids"].numel())
+            grad_norm = clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
+            out_of_time = bool(cfg.max_minutes) and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
+            stop = _stop_requested or out_of_time
+            if world > 1:  # one all-reduce: the global loss and tokens, and whether any rank must stop (all
+                # ranks leave at the same step, or the others hang in the next collective)
+                t = torch.tensor([step_loss, step_tokens, float(stop)], device=device, dtype=torch.float64)
+                dist.all_reduce(t)
+                step_loss, step_tokens, stop = t[0].item() / world, t[1].item(), bool(t[2].item())
+            tokens_since_log += int(step_tokens)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             experts = moe_layers(model)
@@ -341,12 +460,6 @@ def train(
                 t_log, tokens_since_log = time.perf_counter(), 0  # keep evaluation time out of tokens/s
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 result.checkpoint = save()
-            out_of_time = bool(cfg.max_minutes) and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
-            stop = _stop_requested or out_of_time
-            if world > 1:  # every rank must leave at the same step, or the others hang in the next all-reduce
-                flag = torch.tensor(int(stop), device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stop = bool(flag.item())
             if stop:
                 result.interrupted = not out_of_time
                 if master:

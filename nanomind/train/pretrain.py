@@ -22,7 +22,7 @@ from nanomind.data import PackedBatches, PrepareConfig, TokenShards, eval_batche
 from nanomind.device import resolve_device
 from nanomind.model import PRESETS, Transformer, describe_presets, preset
 from nanomind.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
-from nanomind.train.loop import TrainConfig, TrainResult, dist_env, train, unwrap
+from nanomind.train.loop import TrainConfig, TrainResult, dist_env, rank0_first, train, unwrap
 from nanomind.train.losses import linear_cross_entropy
 
 
@@ -94,7 +94,7 @@ def ensure_prepared(cfg: PretrainConfig) -> Path:
 
 
 def run(cfg: PretrainConfig) -> TrainResult:
-    data_dir = ensure_prepared(cfg)
+    data_dir = rank0_first(lambda: ensure_prepared(cfg))  # under torchrun the tokenizer and shards are made once
     tok_dir = data_dir / "tokenizer"
     tok = Tokenizer.load(tok_dir)
     rank, world = dist_env()
@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse(PretrainConfig, argv, "nanomind pretrain", __doc__.splitlines()[0])
     result = run(cfg)
+    if dist_env()[0] != 0:
+        return  # under torchrun, rank 0 reports
     print(f"finished at step {result.step}; checkpoint: {result.checkpoint}")
     if result.evals:
         last = result.evals[-1]

@@ -118,7 +118,7 @@ def chat_data(cfg: SFTConfig, tok: Tokenizer, rank: int, world: int) -> tuple[Ch
     """Training batches and the held-out evaluation of cfg.data (shared by sft and distill)."""
     data = load_chat(cfg.data, tok, cfg.seq_len, {"name": cfg.name, "author": cfg.author})
     train_data, val_data = split(data, cfg.val_fraction)
-    batches = ChatBatches(train_data, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.packing, rank, world)
+    batches = ChatBatches(train_data, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.packing, rank, world, cfg.grad_accum)
     if rank == 0:
         print(data.summary())
         print(f"{len(train_data.ids)} train / {len(val_data.ids)} validation conversations; "
@@ -157,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse(SFTConfig, argv, "nanomind sft", __doc__.splitlines()[0])
     result = run(cfg)
+    if dist_env()[0] != 0:
+        return  # under torchrun, rank 0 reports
     print(f"finished at step {result.step}; checkpoint: {result.checkpoint}")
     if result.evals:
         print(f"validation: assistant-token loss {result.evals[-1]['val_loss']:.4f}")
