@@ -76,11 +76,8 @@ def run(cfg: DistillConfig) -> TrainResult:
     check_same_tokenizer(cfg.teacher, cfg.init)
     tok_dir = checkpoint.tokenizer_dir(cfg.init)
     torch.manual_seed(cfg.seed)
-    model = load_init(cfg, device)
-    teacher = checkpoint.load_model(cfg.teacher, device).eval().requires_grad_(False)
-    if cfg.seq_len > teacher.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the teacher's max_position_embeddings "
-                         f"{teacher.config.max_position_embeddings}")  # fmt: skip
+    model = load_init(cfg.init, cfg.seq_len, device)
+    teacher = load_init(cfg.teacher, cfg.seq_len, device, "teacher").eval().requires_grad_(False)
     batches, eval_fn = chat_data(cfg, Tokenizer.load(tok_dir), rank, world)
     if rank == 0:
         print(f"student: {cfg.init}, {model.num_params() / 1e6:.2f}M parameters; teacher: {cfg.teacher}, "

@@ -30,6 +30,7 @@ from nanomind.jsonl import BadLines, read_objects
 from nanomind.tokenizer import Tokenizer, render_chat
 from nanomind.train.loop import TrainConfig, TrainResult, dist_env, train, unwrap
 from nanomind.train.losses import dpo_loss
+from nanomind.train.sft import load_init
 
 GROUP_BATCHES = 16  # batches whose pairs are sorted by length together, so a batch pads little
 
@@ -275,10 +276,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     tok_dir = checkpoint.tokenizer_dir(cfg.init)
     tok = Tokenizer.load(tok_dir)
     torch.manual_seed(cfg.seed)
-    model = checkpoint.load_model(cfg.init, device)
-    if cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"{model.config.max_position_embeddings}")  # fmt: skip
+    model = load_init(cfg.init, cfg.seq_len, device)
     data = load_pairs(cfg.data, tok, cfg.seq_len)
     train_index, val_index = split(data, cfg.val_fraction)
     val_batches = length_batches(data, val_index, cfg.batch_size)[: cfg.eval_batches]

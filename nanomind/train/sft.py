@@ -130,10 +130,11 @@ def chat_data(cfg: SFTConfig, tok: Tokenizer, rank: int, world: int) -> tuple[Ch
     return TagWeighted(batches, [tok.token_id("<think>"), tok.token_id("</think>")], cfg.tag_weight), eval_fn
 
 
-def load_init(cfg: SFTConfig, device: torch.device) -> Transformer:
-    model = checkpoint.load_model(cfg.init, device)
-    if cfg.seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+def load_init(ckpt: str, seq_len: int, device: torch.device, what: str = "model") -> Transformer:
+    """A checkpoint to train from (or with), refused when its context is shorter than the rows."""
+    model = checkpoint.load_model(ckpt, device)
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the {what}'s max_position_embeddings "
                          f"{model.config.max_position_embeddings}")  # fmt: skip
     return model
 
@@ -144,7 +145,7 @@ def run(cfg: SFTConfig) -> TrainResult:
     tok_dir = checkpoint.tokenizer_dir(cfg.init)
     tok = Tokenizer.load(tok_dir)
     torch.manual_seed(cfg.seed)
-    model = load_init(cfg, device)
+    model = load_init(cfg.init, cfg.seq_len, device)
     batches, eval_fn = chat_data(cfg, tok, rank, world)
     if rank == 0:
         print(f"model: {cfg.init}, {model.num_params() / 1e6:.2f}M parameters, device {device}, {cfg.dtype}")
