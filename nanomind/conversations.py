@@ -146,17 +146,59 @@ GROUP_BATCHES = 16  # batches whose rows are sorted by length together (see Chat
 ROUND_TO = 16  # a trimmed batch keeps a multiple of this many positions (friendlier matrix shapes)
 
 
+class Epochs:
+    """The batch order SFT and DPO share. Each epoch visits every item once in an order seeded by (seed, epoch);
+    each take() returns this rank's share of the next world_size * batch_size items (a global micro-batch): items
+    r::world_size for rank r. The cursor counts global items, so a run resumes on any number of processes.
+    grouped: the items of each run of GROUP_BATCHES optimizer steps (world_size * batch_size * grad_accum items
+    each) are sorted by length, so similar lengths share a batch; the order depends on the items per optimizer
+    step only, not on how they are split into processes and micro-steps."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, grouped: bool, what: str,
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):  # fmt: skip
+        self.lengths, self.batch_size, self.seed, self.grouped, self.what = lengths, batch_size, seed, grouped, what
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The items of `epoch` in visiting order."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.lengths))
+        if not self.grouped:
+            return order
+        size = GROUP_BATCHES * self.batch_size * self.world_size * self.grad_accum
+        return np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")]
+                               for g in np.split(order, range(size, len(order), size))])  # fmt: skip
+
+    def take(self) -> list[int]:
+        chosen = []
+        for k in range(self.world_size * self.batch_size):
+            if self._order[0] != self.epoch:
+                self._order = (self.epoch, self.order(self.epoch))
+            if k % self.world_size == self.rank:
+                chosen.append(int(self._order[1][self.position]))
+            self.position += 1
+            if self.position == len(self.lengths):
+                self.epoch, self.position = self.epoch + 1, 0
+        return chosen
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, self.what: len(self.lengths)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state[self.what] != len(self.lengths):
+            raise ValueError(f"cannot resume: the data cursor has {state[self.what]} {self.what}, this data "
+                             f"{len(self.lengths)}")  # fmt: skip
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
 class ChatBatches:
     """Endless SFT batches (the loop's BatchSource). packed: rows of several conversations with doc_ids; not
     packed: one conversation per row, padded to seq_len (the way minimind does it; kept for comparison).
 
-    Each epoch visits every row once in an order seeded by (seed, epoch); each next() takes the following
-    world_size * batch_size rows of it (a global micro-batch) and rank r keeps rows r::world_size. The cursor
-    counts global rows, so a run resumes on any number of processes.
-    Packed, the rows of each run of GROUP_BATCHES optimizer steps (world_size * batch_size * grad_accum rows each)
-    are sorted by length and every batch is cut to its longest row, so rows that could not be filled
-    (conversations longer than half a row cannot share one) cost little padding. The order depends on the rows
-    per optimizer step only, not on how they are split into processes and micro-steps."""
+    The rows come in the order of `Epochs` (grouped by length when packed), and every packed batch is cut to its
+    longest row, so rows that could not be filled (conversations longer than half a row cannot share one) cost
+    little padding."""
 
     def __init__(self, data: ChatData, batch_size: int, seq_len: int, seed: int, packed: bool = True,
                  rank: int = 0, world_size: int = 1, grad_accum: int = 1):  # fmt: skip
@@ -167,17 +209,11 @@ class ChatBatches:
         self.row_len = np.array([sum(lengths[i] for i in r) for r in self.rows])
         self.data, self.batch_size, self.seq_len, self.seed, self.packed = data, batch_size, seq_len, seed, packed
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-        self.epoch, self.position = 0, 0
-        self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
+        self.epochs = Epochs(self.row_len, batch_size, seed, packed, "rows", rank, world_size, grad_accum)
 
     def order(self, epoch: int) -> np.ndarray:
         """The rows of `epoch` in visiting order."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
-        if not self.packed:
-            return order
-        size = GROUP_BATCHES * self.batch_size * self.world_size * self.grad_accum
-        return np.concatenate([g[np.argsort(-self.row_len[g], kind="stable")]
-                               for g in np.split(order, range(size, len(order), size))])  # fmt: skip
+        return self.epochs.order(epoch)
 
     def width(self, rows: np.ndarray) -> int:
         """Positions a batch of these rows computes: seq_len padded, else its longest row rounded up."""
@@ -205,24 +241,13 @@ class ChatBatches:
         return out
 
     def next(self) -> dict[str, torch.Tensor]:
-        chosen = []
-        for k in range(self.world_size * self.batch_size):
-            if self._order[0] != self.epoch:
-                self._order = (self.epoch, self.order(self.epoch))
-            if k % self.world_size == self.rank:
-                chosen.append(int(self._order[1][self.position]))
-            self.position += 1
-            if self.position == len(self.rows):
-                self.epoch, self.position = self.epoch + 1, 0
-        return self.batch(chosen)
+        return self.batch(self.epochs.take())
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "rows": len(self.rows)}
+        return self.epochs.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["rows"] != len(self.rows):
-            raise ValueError(f"cannot resume: the data cursor has {state['rows']} rows, this data {len(self.rows)}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.epochs.load_state_dict(state)
 
 
 @dataclass

@@ -42,6 +42,11 @@ def _check_line(line: bytes, field: str) -> tuple[str | None, str]:
         return None, "blank line" if not line.strip() else "invalid JSON"
     if not isinstance(record, dict):
         return None, "not a JSON object"
+    return check_text(record, field)
+
+
+def check_text(record: dict, field: str) -> tuple[str | None, str]:
+    """(text, "") when record[field] is a usable string, else (None, reason) for the bad-record report."""
     if field not in record:
         return None, f"missing {field!r}"
     text = record[field]

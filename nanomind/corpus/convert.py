@@ -22,8 +22,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanomind.config import arg, parse
-from nanomind.corpus.formats import FORMATS, TXT_SPLITS, check_text, pick_text_field, read_records, write_jsonl
-from nanomind.jsonl import BadLines
+from nanomind.corpus.formats import FORMATS, TXT_SPLITS, pick_text_field, read_records, write_jsonl
+from nanomind.jsonl import BadLines, check_text
 
 TARGETS = ("pretrain", "sft", "dpo")
 ROLES = {

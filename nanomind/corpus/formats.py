@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from nanomind.corpus import require
-from nanomind.jsonl import BadLines, read_objects
+from nanomind.jsonl import BadLines, check_text, read_objects
 
 FORMATS = ("auto", "jsonl", "parquet", "csv", "tsv", "txt")
 SUFFIXES = {
@@ -130,22 +130,6 @@ def pick_text_field(record: dict, field: str = "") -> str:
         if isinstance(record.get(name), str):
             return name
     raise ValueError(f"no text field among {list(TEXT_FIELDS)}; the records have {sorted(record)}: pass --text-field")
-
-
-def check_text(record: dict, field: str) -> tuple[str | None, str]:
-    """(text, "") when record[field] is a usable string, else (None, reason) for the bad-record report."""
-    if field not in record:
-        return None, f"missing {field!r}"
-    text = record[field]
-    if not isinstance(text, str):
-        return None, f"{field!r} is not a string"
-    if not text.strip():
-        return None, f"empty {field!r}"
-    try:
-        text.encode("utf-8")  # a "\ud800" escape parses but cannot be written back out
-    except UnicodeEncodeError:
-        return None, f"{field!r} has a lone surrogate"
-    return text, ""
 
 
 def read_texts(

@@ -24,15 +24,13 @@ import torch.nn.functional as F
 
 from nanomind import checkpoint
 from nanomind.config import arg
-from nanomind.conversations import _check
+from nanomind.conversations import Epochs, _check
 from nanomind.device import autocast, resolve_device
 from nanomind.jsonl import BadLines, read_objects
 from nanomind.tokenizer import Tokenizer, render_chat
 from nanomind.train.loop import TrainConfig, TrainResult, dist_env, train, unwrap
 from nanomind.train.losses import dpo_loss
 from nanomind.train.sft import load_init
-
-GROUP_BATCHES = 16  # batches whose pairs are sorted by length together, so a batch pads little
 
 
 @dataclass(kw_only=True)
@@ -162,45 +160,25 @@ def length_batches(data: Pairs, index: list[int], batch_size: int) -> list[list[
 
 
 class PairBatches:
-    """Endless DPO batches (the loop's BatchSource): each epoch visits every training pair once in an order seeded
-    by (seed, epoch), pairs of similar length grouped (GROUP_BATCHES optimizer steps at a time, so the order does not
-    depend on how a step is split into processes and micro-steps); rank r of world takes pairs r::world."""
+    """Endless DPO batches (the loop's BatchSource): the pairs in the order of conversations.Epochs, pairs of
+    similar length grouped so that a batch pads little."""
 
     def __init__(self, data: Pairs, index: list[int], batch_size: int, seq_len: int, seed: int,
                  rank: int = 0, world_size: int = 1, grad_accum: int = 1):  # fmt: skip
         if not index:
             raise ValueError("no preference pairs to train on")
         self.data, self.index, self.batch_size, self.seq_len, self.seed = data, index, batch_size, seq_len, seed
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-        self.lengths = np.array([data.length(i) for i in index])
-        self.epoch, self.position = 0, 0
-        self._order: tuple[int, np.ndarray] = (-1, np.arange(0))
-
-    def order(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.index))
-        size = GROUP_BATCHES * self.batch_size * self.world_size * self.grad_accum
-        return np.concatenate([g[np.argsort(-self.lengths[g], kind="stable")]
-                               for g in np.split(order, range(size, len(order), size))])  # fmt: skip
+        lengths = np.array([data.length(i) for i in index])
+        self.epochs = Epochs(lengths, batch_size, seed, True, "pairs", rank, world_size, grad_accum)
 
     def next(self) -> dict[str, torch.Tensor]:
-        chosen = []
-        for k in range(self.world_size * self.batch_size):
-            if self._order[0] != self.epoch:
-                self._order = (self.epoch, self.order(self.epoch))
-            if k % self.world_size == self.rank:
-                chosen.append(self.index[int(self._order[1][self.position])])
-            self.position += 1
-            if self.position == len(self.index):
-                self.epoch, self.position = self.epoch + 1, 0
-        return make_batch(self.data, chosen, self.seq_len)
+        return make_batch(self.data, [self.index[i] for i in self.epochs.take()], self.seq_len)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "pairs": len(self.index)}
+        return self.epochs.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["pairs"] != len(self.index):
-            raise ValueError(f"cannot resume: the data cursor has {state['pairs']} pairs, this data {len(self.index)}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        self.epochs.load_state_dict(state)
 
 
 def sequence_logps(
