@@ -33,6 +33,26 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the k chosen weights to sum to 1 (only when k > 1, see moe.py)
     router_aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (0: off)
     router_bias_update_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3): per-step bias step (0: off)
+    first_k_dense_replace: int = 0  # DeepSeek-V3: the first k layers keep a dense MLP even in a MoE model
+    # Multi-head latent attention (model/mla.py, DeepSeek-V2/V3; HF DeepseekV3 names). attention "gqa" or "mla".
+    attention: str = "gqa"
+    q_lora_rank: int = 0  # 0: q_proj straight from the hidden state; else q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int = 0  # width of the compressed KV latent that the cache stores
+    qk_nope_head_dim: int = 0  # per-head query/key width without position
+    qk_rope_head_dim: int = 0  # per-head width with RoPE (the key part is shared by all heads, cached)
+    v_head_dim: int = 0
+    # Multi-token prediction (model/mtp.py, DeepSeek-V3): extra blocks predicting token t+1+k, loss weight
+    num_nextn_predict_layers: int = 0
+    mtp_loss_weight: float = 0.3
+    # Gated DeltaNet linear attention (model/linear_attention.py, Qwen3-Next; HF Qwen3Next names).
+    # full_attention_interval 0: every layer is full attention; n: layers n-1, 2n-1, ... are full attention and
+    # the others gated DeltaNet (Qwen3-Next uses 4: three linear layers, then one full).
+    full_attention_interval: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 4
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
