@@ -187,9 +187,7 @@ class Engine:
                 self._finish(r, "cancelled")
             last = self.running.pop()
             if last is not r:
-                for layer in self.cache.layers:  # copy the moved request's keys/values into the freed row
-                    layer.k[i, :, : last.pos] = layer.k[last.slot, :, : last.pos]
-                    layer.v[i, :, : last.pos] = layer.v[last.slot, :, : last.pos]
+                self.cache.copy_row(last.slot, i, last.pos)  # the moved request's cache into the freed row
                 last.slot = i
                 self.running[i] = last
             r.slot, r.state = -1, {}

@@ -23,6 +23,12 @@ while moe.py uses it (router_bias_update_rate > 0) and as zeros otherwise. Refus
 them as we do: Mixtral always renormalises (so softmax top-1 or norm_topk_prob=False without qk-norm and shared
 experts), no softmax class has qk-norm with shared experts (Qwen3-MoE has none), and a selection bias in use with
 softmax scores (GLM-4.5 and DeepSeek-V3 score by sigmoid). GGUF export covers all of these (export_gguf.py).
+
+Multi-head latent attention (model/mla.py) is a `DeepseekV3ForCausalLM` (rope_interleave=False: our RoPE rotates
+halves; q_lora_rank 0 is its None), dense or with a sigmoid-scored MoE after first_k_dense_replace dense layers, mapped
+like GLM-4.5's (one expert group, routed_scaling_factor 1, the bias always added). Multi-token prediction modules
+(model/mtp.py) exist in no transformers class: every export leaves them out, with a printed note.
+Import of DeepSeek-V3 and GGUF export of MLA are not implemented.
 """
 
 from __future__ import annotations
@@ -67,6 +73,9 @@ MIXTRAL = Arch("MixtralForCausalLM", "MixtralConfig", "mixtral", "llama", gguf_p
 QWEN2_MOE = Arch("Qwen2MoeForCausalLM", "Qwen2MoeConfig", "qwen2_moe", "qwen2moe", gguf_permute_qk=False, moe=True)
 # qk-norm optional (use_qk_norm); also llama.cpp's graph for every MoE its qwen3moe / llama graphs cannot run
 GLM4_MOE = Arch("Glm4MoeForCausalLM", "Glm4MoeConfig", "glm4_moe", "glm4moe", gguf_permute_qk=False, moe=True)
+# MLA, dense or MoE (not in ARCHS: import does not map it back yet)
+DEEPSEEK_V3 = Arch("DeepseekV3ForCausalLM", "DeepseekV3Config", "deepseek_v3", "deepseek2", gguf_permute_qk=False,
+                   moe=True)  # fmt: skip
 ARCHS = {a.model_type: a for a in (LLAMA, QWEN3, QWEN3_MOE, MIXTRAL, QWEN2_MOE, GLM4_MOE)}
 BIAS_RATE = 1e-3  # router_bias_update_rate of an imported model whose selection bias is nonzero (DeepSeek-V3's)
 
@@ -80,16 +89,31 @@ DENSE_FIELDS = {
 # ... and those the MoE mappings add (router_bias_update_rate: the bias it moves is checked in `check_weights`)
 MOE_FIELDS = {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob", "router_aux_loss_coef",
               "router_bias_update_rate", "n_shared_experts", "scoring_func"}  # fmt: skip
+# ... those of DeepSeek-V3's MLA mapping, and the MTP fields, whose modules every export leaves out
+MLA_FIELDS = {"attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+              "first_k_dense_replace"}  # fmt: skip
+MTP_FIELDS = {"num_nextn_predict_layers", "mtp_loss_weight"}
 
 
 def architecture(cfg: ModelConfig) -> Arch:
     """The native architecture for cfg, or a ValueError naming the feature no mapping covers."""
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     # a dense model (num_experts 0) never reads the MoE fields, whatever their values
-    extra = {k: v for k, v in cfg.to_dict().items() if k not in DENSE_FIELDS | MOE_FIELDS and v != defaults.get(k)}
+    known = DENSE_FIELDS | MOE_FIELDS | MTP_FIELDS | (MLA_FIELDS if cfg.attention == "mla" else set())
+    extra = {k: v for k, v in cfg.to_dict().items() if k not in known and v != defaults.get(k)}
     if extra:
         features = "; ".join(f"{k}={v!r}" for k, v in extra.items())
         raise ValueError(f"export cannot map this model: it uses {features}: no mapping for it")
+    if cfg.attention == "mla":
+        if cfg.qk_norm:
+            raise ValueError("export cannot map this MLA model: it uses qk_norm=True, and DeepSeek-V3's attention "
+                             "has no per-head q/k norm")  # fmt: skip
+        if cfg.num_experts and cfg.scoring_func != "sigmoid":
+            raise ValueError(f"export cannot map this MLA model: it uses scoring_func={cfg.scoring_func!r}; "
+                             "DeepSeek-V3's router scores experts by sigmoid")  # fmt: skip
+        if cfg.num_experts == 1:
+            raise ValueError("export cannot map a sigmoid-scored MoE of one expert (DeepSeek-V3's router needs two)")
+        return DEEPSEEK_V3
     if not cfg.num_experts:
         return QWEN3 if cfg.qk_norm else LLAMA
     if cfg.scoring_func == "sigmoid":
@@ -120,7 +144,7 @@ def architecture(cfg: ModelConfig) -> Arch:
 def check_weights(model: Transformer, arch: Arch) -> None:
     """Refuse what the config alone does not show: a balancing bias that changes which experts are chosen, for a
     class without one (all but GLM-4.5's)."""
-    if not model.config.router_bias_update_rate or arch is GLM4_MOE:
+    if not model.config.router_bias_update_rate or arch in (GLM4_MOE, DEEPSEEK_V3):
         return  # the bias is not used (moe.py adds it only while the update rate is nonzero), or mapped
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias") and buf.any():
@@ -165,10 +189,10 @@ def hf_state_dict(model: Transformer, arch: Arch) -> dict[str, torch.Tensor]:
     """Tensors under their transformers names: ours already are (Qwen3-MoE's per-expert ones included); Mixtral's,
     Qwen2-MoE's shared expert and GLM-4.5's bias (kept in its router) are renamed. A tied lm_head is left out (as HF
     saves it), and so is the balancing bias of classes without one (`check_weights` found it unused)."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if not k.startswith("model.mtp.")}
     if model.config.tie_word_embeddings:
         del state["lm_head.weight"]
-    if arch is GLM4_MOE:  # its router always adds the bias: ours while moe.py uses it, else zeros
+    if arch in (GLM4_MOE, DEEPSEEK_V3):  # its router always adds the bias: ours while moe.py uses it, else zeros
         use = model.config.router_bias_update_rate
         state = {k.replace(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"): v if use or not
                  k.endswith("e_score_correction_bias") else torch.zeros_like(v) for k, v in state.items()}  # fmt: skip
@@ -235,6 +259,27 @@ def hf_moe_fields(cfg: ModelConfig, arch: Arch) -> dict:
             num_nextn_predict_layers=0,
             router_aux_loss_coef=cfg.router_aux_loss_coef,  # not a Glm4MoeConfig field; kept for import
         )
+    if arch is DEEPSEEK_V3:  # as GLM-4.5 (one group, scaling 1), plus MLA and the leading dense layers
+        L, moe = cfg.num_hidden_layers, cfg.num_experts > 0
+        return dict(
+            n_routed_experts=cfg.num_experts if moe else 2,  # a dense model: never built (all layers dense)
+            num_experts_per_tok=cfg.num_experts_per_tok if moe else 1,
+            moe_intermediate_size=cfg.moe_intermediate_size or cfg.intermediate_size,
+            n_shared_experts=cfg.n_shared_experts,  # 0: a zero-width shared MLP, which adds nothing
+            norm_topk_prob=cfg.norm_topk_prob and cfg.num_experts_per_tok > 1,
+            routed_scaling_factor=1.0,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=cfg.first_k_dense_replace if moe else L,
+            q_lora_rank=cfg.q_lora_rank or None,
+            kv_lora_rank=cfg.kv_lora_rank,
+            qk_nope_head_dim=cfg.qk_nope_head_dim,
+            qk_rope_head_dim=cfg.qk_rope_head_dim,
+            v_head_dim=cfg.v_head_dim,
+            rope_interleave=False,  # our RoPE rotates halves (model/layers.py)
+            num_nextn_predict_layers=0,  # the MTP modules are not exported
+            router_aux_loss_coef=cfg.router_aux_loss_coef,  # not a DeepseekV3Config field; kept for import
+        )
     if arch is MIXTRAL:  # its experts are intermediate_size wide; it always renormalises (see `architecture`)
         return dict(
             num_local_experts=cfg.num_experts,
@@ -253,6 +298,9 @@ def hf_config(cfg: ModelConfig, arch: Arch, tok: Tokenizer, dtype: torch.dtype):
 
     cls = getattr(transformers, arch.hf_config)
     fields = dict(intermediate_size=cfg.intermediate_size) | hf_moe_fields(cfg, arch)
+    # MLA: every head has its own keys (kv_b_proj), and DeepseekV3Config's head_dim is the RoPE width
+    heads = (cfg.num_attention_heads, cfg.qk_rope_head_dim) if arch is DEEPSEEK_V3 else (
+        cfg.num_key_value_heads, cfg.head_dim)  # fmt: skip
     if arch not in (MIXTRAL, QWEN2_MOE):  # their configs have no attention_bias field
         fields["attention_bias"] = False
     return cls(
@@ -261,8 +309,8 @@ def hf_config(cfg: ModelConfig, arch: Arch, tok: Tokenizer, dtype: torch.dtype):
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim,
+        num_key_value_heads=heads[0],
+        head_dim=heads[1],
         max_position_embeddings=cfg.max_position_embeddings,
         rope_theta=cfg.rope_theta,
         rope_scaling=rope_scaling(cfg),
@@ -294,6 +342,9 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
     from transformers import GenerationConfig
 
     path, model, arch = load_for_export(ckpt)
+    if model.config.num_nextn_predict_layers:
+        print(f"note: the {model.config.num_nextn_predict_layers} multi-token prediction module(s) (model.mtp.*) are "
+              f"left out: {arch.hf_class} has none")  # fmt: skip
     tok_dir = Path(tokenizer) if tokenizer else checkpoint.tokenizer_dir(path)
     tok = Tokenizer.load(tok_dir)
     if tok.vocab_size > model.config.vocab_size:

@@ -128,6 +128,9 @@ def gguf_architecture(model: Transformer) -> Arch:
     """The llama.cpp architecture for the model: that of its transformers export where llama.cpp computes that
     exactly, else, for MoE, `glm4moe`; a ValueError names a feature neither covers."""
     cfg = model.config
+    if cfg.attention == "mla":
+        raise ValueError("GGUF export does not map multi-head latent attention (attention='mla') yet; "
+                         "use `nanomind export hf` (DeepseekV3ForCausalLM)")  # fmt: skip
     if not cfg.num_experts:
         return architecture(cfg)
     try:
@@ -205,7 +208,10 @@ def export_gguf(ckpt: str | Path, out: str | Path, type: str = "f32", tokenizer:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hparams(w, cfg, arch)
     add_tokenizer(w, Path(tokenizer) if tokenizer else checkpoint.tokenizer_dir(path), cfg.vocab_size)
-    for gguf_name, tensor in gguf_tensors(model.state_dict(), arch, cfg):
+    if cfg.num_nextn_predict_layers:
+        print(f"note: the {cfg.num_nextn_predict_layers} multi-token prediction module(s) (model.mtp.*) are left out")
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("model.mtp.")}
+    for gguf_name, tensor in gguf_tensors(state, arch, cfg):
         data = tensor.float().numpy()
         # the MoE router stays f32, as in llama.cpp's converter: rounding it would change which experts are chosen
         if data.ndim == 1 or type == "f32" or ".ffn_gate_inp." in gguf_name:

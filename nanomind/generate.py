@@ -152,6 +152,7 @@ class GenerateConfig(SamplingConfig):
     device: str = arg("auto", "cpu, cuda, mps or auto")
     dtype: str = arg("fp32", "weights precision for inference", choices=["fp32", "bf16"])
     compile: bool = arg(False, "torch.compile the decoding step (slow first call, faster decoding)")
+    speculative: bool = arg(False, "greedy speculative decoding drafting with the model's MTP modules")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -168,11 +169,27 @@ def main(argv: list[str] | None = None) -> None:
     prompt = tok.encode(cfg.prompt) if cfg.prompt else [tok.eos_id]
     decoder = StreamDecoder(tok)
     sys.stdout.write(cfg.prompt)
+    stops, stats = (tok.eos_id, tok.im_end_id), {}
+    if cfg.speculative:
+        from nanomind.speculative import generate_speculative
+
+        if not model.config.num_nextn_predict_layers:
+            raise ValueError(f"--speculative drafts with MTP modules and {cfg.ckpt} has none "
+                             "(num_nextn_predict_layers=0)")  # fmt: skip
+        if cfg.temperature or cfg.repetition_penalty != 1 or cfg.frequency_penalty or cfg.presence_penalty:
+            print("--speculative decodes greedily: temperature and penalties are ignored", file=sys.stderr)
+        tokens = generate_speculative(model, prompt, cfg.max_new_tokens, () if cfg.ignore_eos else stops, stats)
+    else:
+        tokens = generate(model, prompt, cfg, stop_ids=stops, compile=cfg.compile)
     n, t0 = 0, time.perf_counter()
-    for token in generate(model, prompt, cfg, stop_ids=(tok.eos_id, tok.im_end_id), compile=cfg.compile):
+    for token in tokens:
         sys.stdout.write(decoder.push(token))
         sys.stdout.flush()
         n += 1
     sys.stdout.write(decoder.flush() + "\n")
     dt = time.perf_counter() - t0
-    print(f"[{n} tokens, {n / dt:.1f} tokens/s]", file=sys.stderr)
+    extra = ""
+    if stats.get("drafted"):
+        extra = (f", {stats['accepted'] / stats['drafted']:.1%} of {stats['drafted']} drafts accepted, "
+                 f"{n / max(stats['steps'], 1):.2f} tokens per forward")  # fmt: skip
+    print(f"[{n} tokens, {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)

@@ -81,6 +81,59 @@ class ModelConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("linear", "yarn"):
                 raise ValueError(f"rope_scaling.rope_type must be 'linear' or 'yarn', got {kind!r}")
+        if self.attention not in ("gqa", "mla"):
+            raise ValueError(f"attention must be 'gqa' or 'mla', got {self.attention!r}")
+        if self.attention == "mla":
+            widths = dict(kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
+                          qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim)  # fmt: skip
+            if any(v <= 0 for v in widths.values()):
+                raise ValueError(f"attention='mla' needs kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim and "
+                                 f"v_head_dim > 0, got {widths}")  # fmt: skip
+            if self.q_lora_rank < 0:
+                raise ValueError(f"q_lora_rank must be >= 0 (0: no query compression), got {self.q_lora_rank}")
+            if self.qk_rope_head_dim % 2:
+                raise ValueError(f"qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ValueError(f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}], "
+                             f"got {self.first_k_dense_replace}")  # fmt: skip
+        if self.num_nextn_predict_layers < 0 or self.mtp_loss_weight < 0:
+            raise ValueError("num_nextn_predict_layers and mtp_loss_weight must be >= 0")
+        if self.full_attention_interval < 0:
+            raise ValueError(f"full_attention_interval must be >= 0, got {self.full_attention_interval}")
+        if self.full_attention_interval:
+            lin = dict(linear_num_key_heads=self.linear_num_key_heads,
+                       linear_num_value_heads=self.linear_num_value_heads,
+                       linear_key_head_dim=self.linear_key_head_dim, linear_value_head_dim=self.linear_value_head_dim,
+                       linear_conv_kernel_dim=self.linear_conv_kernel_dim)  # fmt: skip
+            if any(v <= 0 for v in lin.values()):
+                raise ValueError(f"full_attention_interval > 0 (gated DeltaNet layers) needs {sorted(lin)} > 0, "
+                                 f"got {lin}")  # fmt: skip
+            if self.linear_num_value_heads % self.linear_num_key_heads:
+                raise ValueError(f"linear_num_value_heads {self.linear_num_value_heads} must be a multiple of "
+                                 f"linear_num_key_heads {self.linear_num_key_heads}")  # fmt: skip
+
+    def is_linear_attention(self, layer: int) -> bool:
+        """Whether layer `layer` mixes tokens with gated DeltaNet (Qwen3-Next's layout; also the MTP block's kind
+        when asked for layer num_hidden_layers - 1)."""
+        n = self.full_attention_interval
+        return n > 0 and (layer + 1) % n != 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` has routed experts (DeepSeek-V3: the first first_k_dense_replace layers stay dense)."""
+        return self.num_experts > 0 and layer >= self.first_k_dense_replace
+
+    def rope_dim(self) -> int:
+        """The width RoPE rotates: head_dim, or for MLA only the decoupled qk_rope_head_dim part."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, int]:
+        """Cache bytes per token over all layers: {"cache": this config's, "gqa": what GQA (k and v of
+        num_key_value_heads x head_dim) would store}. MLA stores a kv_lora_rank latent plus the shared rope key;
+        gated DeltaNet layers keep a fixed-size state instead (0 bytes per token)."""
+        full = sum(not self.is_linear_attention(i) for i in range(self.num_hidden_layers))
+        gqa = 2 * self.num_key_value_heads * self.head_dim
+        per_layer = self.kv_lora_rank + self.qk_rope_head_dim if self.attention == "mla" else gqa
+        return {"cache": full * per_layer * dtype_bytes, "gqa": full * gqa * dtype_bytes}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,28 +143,65 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
-        """Parameter count; active: only what one token uses (its top-k experts, not all of them)."""
-        h, kv, hd = self.hidden_size, self.num_key_value_heads, self.head_dim
-        attn = h * self.num_attention_heads * hd * 2 + h * kv * hd * 2
-        if self.qk_norm:
-            attn += 2 * hd
-        if self.num_experts:
+    def _attention_params(self) -> int:
+        h, H = self.hidden_size, self.num_attention_heads
+        if self.attention == "mla":
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = h * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * qk if self.q_lora_rank else h * H * qk
+            kv = h * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank  # kv_a_proj_with_mqa + norm
+            kv += self.kv_lora_rank * H * (self.qk_nope_head_dim + self.v_head_dim)  # kv_b_proj
+            return q + kv + H * self.v_head_dim * h
+        attn = h * H * self.head_dim * 2 + h * self.num_key_value_heads * self.head_dim * 2
+        return attn + (2 * self.head_dim if self.qk_norm else 0)
+
+    def _linear_attention_params(self) -> int:
+        """Gated DeltaNet (HF Qwen3NextGatedDeltaNet): in_proj_qkvz, in_proj_ba, depthwise conv1d over q/k/v,
+        dt_bias, A_log, the gated norm (head_v_dim) and out_proj."""
+        key = self.linear_num_key_heads * self.linear_key_head_dim
+        value = self.linear_num_value_heads * self.linear_value_head_dim
+        h, hv = self.hidden_size, self.linear_num_value_heads
+        conv = (2 * key + value) * self.linear_conv_kernel_dim
+        return h * (2 * key + 2 * value) + h * 2 * hv + conv + 2 * hv + self.linear_value_head_dim + value * h
+
+    def _layer_params(self, i: int, active: bool) -> int:
+        h = self.hidden_size
+        mixer = self._linear_attention_params() if self.is_linear_attention(i) else self._attention_params()
+        if self.is_moe_layer(i):
             routed = self.num_experts_per_tok if active else self.num_experts
             mlp = 3 * h * self.moe_intermediate_size * (routed + self.n_shared_experts) + self.num_experts * h
         else:
             mlp = 3 * h * self.intermediate_size
-        layer = attn + mlp + 2 * h
+        return mixer + mlp + 2 * h
+
+    def num_params(self, embeddings: bool = True, active: bool = False, mtp: bool = True) -> int:
+        """Parameter count; active: only what one token uses (its top-k experts, not all of them); mtp: with the
+        multi-token prediction modules (each: two norms, eh_proj, one block like the last layer, a norm)."""
+        h = self.hidden_size
+        n = sum(self._layer_params(i, active) for i in range(self.num_hidden_layers)) + h
+        if mtp:
+            last = self._layer_params(self.num_hidden_layers - 1, active)
+            n += self.num_nextn_predict_layers * (2 * h * h + 3 * h + last)
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * layer + h + (emb if embeddings else 0)
+        return n + (emb if embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6 x matmul params (lm_head included) + causal attention (PaLM appendix B).
-        For MoE models, the active parameters."""
-        n = self.num_params(embeddings=False, active=True) + self.vocab_size * self.hidden_size
-        attn = (
-            6 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
-        )  # 12*L*H*T, halved: causal
+        """Training FLOPs per token: 6 x matmul params (lm_head included, once per MTP depth too) + causal
+        attention (PaLM appendix B: 12 * H * head_dim * T per layer, halved for causality; MLA with its q/k and v
+        widths). For MoE models, the active parameters. Gated DeltaNet layers count their state update and readout
+        (2 x 2 * dk * dv per value head per token, times 3 for training) instead of a T-long attention."""
+        depths = 1 + self.num_nextn_predict_layers
+        n = self.num_params(embeddings=False, active=True) + depths * self.vocab_size * self.hidden_size
+        H = self.num_attention_heads
+        qk, v = ((self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim) if self.attention == "mla"
+                 else (self.head_dim, self.head_dim))  # fmt: skip
+        layers = [self.is_linear_attention(i) for i in range(self.num_hidden_layers)]
+        layers += [self.is_linear_attention(self.num_hidden_layers - 1)] * self.num_nextn_predict_layers
+        attn = 0.0
+        for linear in layers:
+            if linear:
+                attn += 12 * self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim
+            else:
+                attn += 3 * H * (qk + v) * seq_len
         return 6 * n + attn
 
 
@@ -143,6 +233,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # today's upstream MoE: the 64M shape with 4 experts, top-1 (the router still learns: see moe.py)
     "minimind3-moe": dict(hidden_size=768, intermediate_size=2432, num_hidden_layers=8, num_attention_heads=8,
                           num_key_value_heads=4, qk_norm=True, num_experts=4, num_experts_per_tok=1),
+    # debug with DeepSeek-V3's pieces: MLA, a sigmoid-scored MoE (4 experts, top-2, a shared one, bias balancing)
+    # after one dense layer, one MTP module
+    "debug-mla": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=512, attention="mla", q_lora_rank=32,
+                      kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=64, n_shared_experts=1, scoring_func="sigmoid",
+                      router_aux_loss_coef=0.0, router_bias_update_rate=1e-3, first_k_dense_replace=1,
+                      num_nextn_predict_layers=1),
+    # DeepSeek-V3 in miniature (187M, 50M active; 169M without its MTP module): MLA caching 160 values per token
+    # and layer where GQA at this width would cache 1280, 16 sigmoid-scored experts (top-2) + a shared one with
+    # aux-loss-free balancing, a dense first layer, one MTP module
+    "deepseek-v3-mini": dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=10, num_attention_heads=10,
+                             num_key_value_heads=10, attention="mla", q_lora_rank=256, kv_lora_rank=128,
+                             qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_experts=16,
+                             num_experts_per_tok=2, moe_intermediate_size=512, n_shared_experts=1,
+                             scoring_func="sigmoid", router_aux_loss_coef=0.0, router_bias_update_rate=1e-3,
+                             first_k_dense_replace=1, num_nextn_predict_layers=1),
 }  # fmt: skip
 
 
@@ -155,6 +262,8 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 def describe_presets() -> str:
     def size(cfg: ModelConfig) -> str:
         total = f"{cfg.num_params() / 1e6:.1f}M"
-        return f"{total} ({cfg.num_params(active=True) / 1e6:.1f}M active)" if cfg.num_experts else total
+        if cfg.num_experts:
+            total += f" ({cfg.num_params(active=True) / 1e6:.1f}M active)"
+        return total + (" MLA" if cfg.attention == "mla" else "")
 
     return ", ".join(f"{name} {size(ModelConfig(**kw))}" for name, kw in PRESETS.items())

@@ -48,7 +48,7 @@ def _yarn_inv_freq(cfg: ModelConfig, base_inv_freq: torch.Tensor) -> tuple[torch
     a linear ramp between them, and attention is scaled by 0.1*ln(factor)+1."""
     rs = cfg.rope_scaling or {}
     factor = float(rs["factor"])
-    dim = cfg.head_dim
+    dim = cfg.rope_dim()
     orig_max = rs.get("original_max_position_embeddings") or cfg.max_position_embeddings
     beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
     attention_factor = rs.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
@@ -67,8 +67,9 @@ def _yarn_inv_freq(cfg: ModelConfig, base_inv_freq: torch.Tensor) -> tuple[torch
 
 
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin of shape [length, head_dim] in fp32, halves duplicated (HF `rotate_half` layout)."""
-    dim = cfg.head_dim
+    """cos and signed sin of shape [length, rope width] in fp32, halves duplicated (HF `rotate_half` layout); the
+    width is head_dim, or qk_rope_head_dim for MLA (cfg.rope_dim())."""
+    dim = cfg.rope_dim()
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     scale = 1.0
     kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))

@@ -103,3 +103,32 @@ def distill_loss(
     if scale is not None:
         per_token = per_token * scale
     return per_token.mean(), ce.mean().detach(), kl.mean().detach()
+
+
+def mtp_loss(
+    hidden: list[torch.Tensor],
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    loss_weight: float,
+    doc_ids: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DeepSeek-V3's multi-token prediction loss (arXiv 2412.19437, eq. 24): loss_weight x the mean over depths of
+    each depth's cross-entropy, computed with linear_cross_entropy.
+
+    hidden: one [B, T - k, C] per depth k = 1..D (Output.mtp_hidden); weight [V, C] the lm_head; labels [B, T]
+    next-token targets (-100 ignored), so depth k at position i predicts labels[:, i + k]. doc_ids [B, T] (packed
+    rows): a target from another document than position i's is ignored. scale [B, T]: per-token multipliers of the
+    target tokens (as linear_cross_entropy's), shifted with them."""
+    losses = []
+    for k, h in enumerate(hidden, start=1):
+        n = h.shape[1]
+        assert n == labels.shape[1] - k, f"depth {k}: {n} positions for {labels.shape[1]} labels"
+        target = labels[:, k:]
+        if doc_ids is not None:
+            target = target.masked_fill(doc_ids[:, k:] != doc_ids[:, :n], -100)
+        s = scale[:, k:].flatten() if scale is not None else None
+        losses.append(linear_cross_entropy(h.flatten(0, 1), weight, target.flatten(), scale=s))
+    if not losses:
+        return weight.new_zeros(())
+    return loss_weight * torch.stack(losses).mean()

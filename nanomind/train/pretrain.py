@@ -23,7 +23,7 @@ from nanomind.device import resolve_device
 from nanomind.model import PRESETS, Transformer, describe_presets, preset
 from nanomind.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
 from nanomind.train.loop import TrainConfig, TrainResult, dist_env, rank0_first, train, unwrap
-from nanomind.train.losses import linear_cross_entropy
+from nanomind.train.losses import linear_cross_entropy, mtp_loss
 
 
 @dataclass
@@ -42,12 +42,19 @@ class PretrainConfig(TrainConfig):
 
 
 def cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token loss over all positions; labels [B, T] are the inputs shifted by one."""
+    """Mean next-token loss over all positions; labels [B, T] are the inputs shifted by one. Models with MTP
+    modules add their weighted loss (logged as "mtp")."""
     out = model(batch["input_ids"], return_hidden=True)  # hidden [B, T, C]
-    loss = linear_cross_entropy(out.hidden.flatten(0, 1), unwrap(model).lm_head.weight, batch["labels"].flatten())
+    head = unwrap(model).lm_head.weight
+    loss = linear_cross_entropy(out.hidden.flatten(0, 1), head, batch["labels"].flatten())
+    metrics: dict[str, float] = {"tokens": batch["labels"].numel()}
+    if out.mtp_hidden:  # multi-token prediction (model/mtp.py)
+        mtp = mtp_loss(out.mtp_hidden, head, batch["labels"], unwrap(model).config.mtp_loss_weight)
+        loss = loss + mtp
+        metrics["mtp"] = mtp.detach()
     if out.aux_loss is not None:  # MoE load balancing
         loss = loss + out.aux_loss
-    return loss, {"tokens": batch["labels"].numel()}
+    return loss, metrics
 
 
 def make_eval_fn(val: TokenShards, token_bytes: torch.Tensor, batch_size: int, seq_len: int, max_batches: int):
@@ -120,6 +127,13 @@ def run(cfg: PretrainConfig) -> TrainResult:
         print(f"model: {cfg.preset if not cfg.init else cfg.init}, {n / 1e6:.2f}M parameters "
               f"({model.config.num_params(embeddings=False) / 1e6:.2f}M without embeddings), device {device}, "
               f"{cfg.dtype}, {cfg.batch_size * cfg.seq_len * cfg.grad_accum * world:,} tokens per step")  # fmt: skip
+        if model.config.attention == "mla":
+            b = model.config.kv_cache_bytes_per_token()
+            print(f"multi-head latent attention: {b['cache']:,} cache bytes per token in bf16 "
+                  f"(GQA with {model.config.num_key_value_heads} kv heads: {b['gqa']:,})")  # fmt: skip
+        if model.config.num_nextn_predict_layers:
+            print(f"multi-token prediction: {model.config.num_nextn_predict_layers} module(s), loss weight "
+                  f"{model.config.mtp_loss_weight}")  # fmt: skip
     train_shards = TokenShards(data_dir, "train")
     batches = PackedBatches(train_shards, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
     eval_fn = make_eval_fn(TokenShards(data_dir, "val"), torch.tensor(tok.token_bytes()), cfg.batch_size,

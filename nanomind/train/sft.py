@@ -24,7 +24,7 @@ from nanomind.device import resolve_device
 from nanomind.model import Transformer
 from nanomind.tokenizer import Tokenizer
 from nanomind.train.loop import EvalFn, TrainConfig, TrainResult, dist_env, train, unwrap
-from nanomind.train.losses import linear_cross_entropy
+from nanomind.train.losses import linear_cross_entropy, mtp_loss
 
 
 @dataclass(kw_only=True)
@@ -52,14 +52,21 @@ class SFTConfig(TrainConfig):
 def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over the trained (assistant) tokens; labels are -100 elsewhere. With a `loss_scale`
     [B, T] in the batch (TagWeighted), each token's loss is multiplied by it; the mean still divides by the
-    number of trained tokens."""
+    number of trained tokens. Models with MTP modules add their weighted loss (logged as "mtp")."""
     out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)
     scale = batch["loss_scale"].flatten() if "loss_scale" in batch else None
-    loss = linear_cross_entropy(out.hidden.flatten(0, 1), unwrap(model).lm_head.weight, batch["labels"].flatten(),
-                                scale=scale)  # fmt: skip
+    head = unwrap(model).lm_head.weight
+    loss = linear_cross_entropy(out.hidden.flatten(0, 1), head, batch["labels"].flatten(), scale=scale)
+    tokens = int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else batch["input_ids"].numel()
+    metrics: dict[str, float] = {"tokens": tokens}
+    if out.mtp_hidden:  # multi-token prediction (model/mtp.py), within each conversation
+        mtp = mtp_loss(out.mtp_hidden, head, batch["labels"], unwrap(model).config.mtp_loss_weight,
+                       batch.get("doc_ids"), batch.get("loss_scale"))  # fmt: skip
+        loss = loss + mtp
+        metrics["mtp"] = mtp.detach()
     if out.aux_loss is not None:  # MoE load balancing
         loss = loss + out.aux_loss
-    return loss, {"tokens": int((batch["doc_ids"] >= 0).sum()) if "doc_ids" in batch else batch["input_ids"].numel()}
+    return loss, metrics
 
 
 class TagWeighted:
