@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nanomind.model import ModelConfig, Transformer, lora
+from nanomind.model.reward import RewardModel
 
 ADAPTER_DIR = "adapter"
 
@@ -106,9 +108,11 @@ def load_config(ckpt: str | Path) -> ModelConfig:
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """The model of a checkpoint, with its LoRA adapter on when it has one."""
+    """The model of a checkpoint, with its LoRA adapter on when it has one; a RewardModel when it has a score head."""
     path = resolve(ckpt)
-    model = Transformer(load_config(path))
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        is_reward = "score.weight" in f.keys()  # noqa: SIM118 (safe_open is not a dict)
+    model = (RewardModel if is_reward else Transformer)(load_config(path))
     if (path / ADAPTER_DIR).is_dir():
         lora.load_adapter(model, path / ADAPTER_DIR)
     load_weights(model, path)

@@ -8,6 +8,7 @@ import sys
 # name -> (module with main(argv), or "module:function", one-line help). Nested names ("tokenizer train") are
 # matched first.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo grpo": ("nanomind.rl_demo", "RL on a toy addition task: SFT from scratch, then GRPO, rewards compared"),
     "demo": ("nanomind.demo", "end-to-end run on built-in data: tokenizer, data, pretraining, samples"),
     "data get": ("nanomind.corpus.get", "download a dataset file (minimind's, any hub file or URL) with resume"),
     "data convert": ("nanomind.corpus.convert", "convert jsonl / parquet / csv / text records to pretrain, SFT, DPO"),
@@ -19,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("nanomind.train.sft", "fine-tune a checkpoint on conversations (packed, loss on assistant turns)"),
     "dpo": ("nanomind.train.dpo", "align a chat checkpoint on preference pairs (DPO, frozen reference)"),
     "distill": ("nanomind.train.distill", "distil a teacher checkpoint into a student on conversations (KD)"),
+    "reward train": ("nanomind.train.reward_model", "train a reward model (a scalar head) on preference pairs"),
+    "grpo": ("nanomind.train.grpo", "RL on prompts: GRPO / Dr.GRPO / CISPO with rule or reward-model rewards"),
     "inspect sft": ("nanomind.conversations", "show conversations as SFT sees them, trained tokens highlighted"),
     "generate": ("nanomind.generate", "stream a continuation of a prompt from a checkpoint"),
     "eval ppl": ("nanomind.eval", "loss, perplexity and bits per byte of a checkpoint on jsonl text"),

@@ -18,12 +18,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanomind"
 LAYERS = {
     "nanomind.config": 0, "nanomind.jsonl": 0, "nanomind.device": 0, "nanomind.tokenizer": 1,
     "nanomind.model": 2, "nanomind.data": 3, "nanomind.checkpoint": 3, "nanomind.generate": 3,
+    "nanomind.speculative": 3,
     "nanomind.conversations": 3, "nanomind.openai_protocol": 1, "nanomind.engine": 4, "nanomind.serve": 5,
     "nanomind.train.loop": 4, "nanomind.train.losses": 4, "nanomind.train.rl_losses": 4, "nanomind.rewards": 4,
     "nanomind.eval": 4, "nanomind.eval_choice": 4,
     "nanomind.report": 4, "nanomind.plot": 4, "nanomind.corpus": 1,
     "nanomind.train.pretrain": 5, "nanomind.train.sft": 5, "nanomind.chat": 5,
-    "nanomind.train.dpo": 5, "nanomind.train.distill": 5, "nanomind.merge_lora": 5,
+    "nanomind.train.dpo": 5, "nanomind.train.distill": 5, "nanomind.merge_lora": 5, "nanomind.train.logprobs": 4,
+    "nanomind.train.reward_model": 5, "nanomind.train.grpo": 5, "nanomind.rl_demo": 6,
     "nanomind.export": 5, "nanomind.export_gguf": 5,
     "nanomind.demo_data": 5, "nanomind.demo": 6, "nanomind.cli": 7, "nanomind.__main__": 7,
 }  # fmt: skip

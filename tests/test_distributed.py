@@ -22,8 +22,9 @@ from nanomind import checkpoint
 from nanomind.conversations import ChatBatches, load_chat
 from nanomind.data import PackedBatches, PrepareConfig, TokenShards, prepare
 from nanomind.model import Transformer, preset
+from nanomind.rewards import REWARDS
 from nanomind.tokenizer import Tokenizer
-from nanomind.train import pretrain, sft
+from nanomind.train import grpo, pretrain, sft
 
 STEPS, SAVE_AT, TOL = 6, 3, 1e-5
 
@@ -45,9 +46,26 @@ def _sft(root: Path, out: str, **kw) -> sft.SFTConfig:
     return sft.SFTConfig(**{**base, **kw})
 
 
-def _run(cfg: pretrain.PretrainConfig | sft.SFTConfig) -> dict:
-    result = (pretrain.run if isinstance(cfg, pretrain.PretrainConfig) else sft.run)(cfg)
-    return {"losses": result.losses, "evals": result.evals}
+def _grpo(root: Path, out: str, **kw) -> grpo.GRPOConfig:
+    """2 prompts x 4 samples per process (4 prompts in one process); updates_per_batch 2 so the ratio moves."""
+    base = dict(init=str(root / "base"), data=[str(root / "prompts.jsonl")], reward="length_chars",
+                out=str(root / out), steps=4, batch_size=2, group_size=4, max_new_tokens=8, seq_len=64, lr=3e-3,
+                updates_per_batch=2, dtype="fp32", eval_every=0, eval_prompts=0, tensorboard=False,
+                samples_every=0, log_every=1)  # fmt: skip
+    return grpo.GRPOConfig(**{**base, **kw})
+
+
+def _length_chars(completion: str, answer: str | None) -> float:
+    return len(completion) / 40
+
+
+REWARDS["length_chars"] = _length_chars  # spawned processes import this module, so they see it too
+
+
+def _run(cfg: pretrain.PretrainConfig | sft.SFTConfig | grpo.GRPOConfig) -> dict:
+    stage = pretrain if isinstance(cfg, pretrain.PretrainConfig) else grpo if isinstance(cfg, grpo.GRPOConfig) else sft
+    result = stage.run(cfg)
+    return {"losses": result.losses, "evals": result.evals, "metrics": result.metrics}
 
 
 def _worker(rank: int, world: int, port: int, jobs: dict, result_file: str) -> None:
@@ -86,13 +104,17 @@ def runs(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
              for t in texts]  # fmt: skip
     (root / "chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    one = {"pt": _run(_pretrain(root, "pt_1", batch_size=4)), "sft": _run(_sft(root, "sft_1", batch_size=4))}
+    prompts = [json.dumps({"prompt": t[:40]}) for t in make_texts(24, seed=9)]
+    (root / "prompts.jsonl").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    one = {"pt": _run(_pretrain(root, "pt_1", batch_size=4)), "sft": _run(_sft(root, "sft_1", batch_size=4)),
+           "grpo": _run(_grpo(root, "grpo_1", batch_size=4))}  # fmt: skip
     jobs = {
         "pt_ddp": _pretrain(root, "pt_ddp"),
         "pt_fsdp": _pretrain(root, "pt_fsdp", fsdp=True),
         "pt_fsdp_resumed_from_1": _pretrain(root, _resume_from(root, "pt_1", "pt_1_to_2"), fsdp=True, resume=True),
         "sft_ddp": _sft(root, "sft_ddp"),
         "sft_fsdp_accum": _sft(root, "sft_fsdp", fsdp=True, grad_accum=2, batch_size=1),
+        "grpo_ddp": _grpo(root, "grpo_ddp"),
     }
     mp.spawn(_worker, args=(2, _free_port(), jobs, str(root / "two.json")), nprocs=2)
     two = json.loads((root / "two.json").read_text())
@@ -125,6 +147,20 @@ def test_two_processes_sft_like_one_with_the_same_global_batch(runs):
     _, r = runs
     _close(r["sft_ddp"]["losses"], r["sft"]["losses"])
     _close(_val(r["sft_ddp"]), _val(r["sft"]))
+
+
+def test_two_processes_grpo_like_one_with_the_same_prompts(runs):
+    """Each process samples its own prompts (seeded per prompt), the gradients meet in DDP's all-reduce: the same
+    answers are drawn (equal rewards) and the losses agree. Not to 1e-5: Adam's first steps move every weight by
+    about lr whatever its gradient's size, so float noise in near-zero gradients grows to ~1e-5 in the loss."""
+    _, r = runs
+    one, two = r["grpo"]["metrics"], r["grpo_ddp"]["metrics"]
+    assert [m["reward"] for m in two] == pytest.approx([m["reward"] for m in one], abs=1e-6)
+    diff = np.abs(np.subtract(r["grpo_ddp"]["losses"], r["grpo"]["losses"]))
+    assert diff[0] <= TOL and diff.max() <= 1e-4, diff
+    for key in ("kl", "clip_frac"):
+        assert np.allclose([m[key] for m in two], [m[key] for m in one], atol=2e-3), key
+    assert max(m["clip_frac"] for m in one) > 0  # the second update on a batch moved the ratio
 
 
 def test_fsdp_matches_ddp_and_writes_the_same_consolidated_checkpoint(runs):

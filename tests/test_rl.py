@@ -1,16 +1,20 @@
-"""GRPO-family losses and advantages against hand-computed values, rule rewards on hand-written strings, and a
-rollout's per-token log-probs: one batched padded forward against token-by-token decoding with the KV cache."""
+"""RL against hand-computed values and independent paths: GRPO-family losses and advantages, the Bradley-Terry
+loss, rule rewards on hand-written strings, reward-model scores of padded rows against rows run alone, rollout
+log-probs against token-by-token decoding; and short runs where GRPO and the reward model visibly learn."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanomind.generate import SamplingConfig, generate
+from nanomind import checkpoint
 from nanomind.model import Transformer, preset
+from nanomind.model.reward import RewardModel
 from nanomind.rewards import (
     REWARDS,
     exact,
@@ -21,7 +25,13 @@ from nanomind.rewards import (
     parse_reward_spec,
     repetition,
 )
-from nanomind.train.rl_losses import cispo_loss, dr_grpo_loss, group_advantages, grpo_loss
+from nanomind.tokenizer import Tokenizer
+from nanomind.train import grpo, reward_model
+from nanomind.train.dpo import load_pairs, make_batch
+from nanomind.train.grpo import Prompt, make_reward, make_rows, sample_groups
+from nanomind.train.logprobs import token_logps
+from nanomind.train.reward_model import RewardConfig, pair_loss
+from nanomind.train.rl_losses import bradley_terry_loss, cispo_loss, dr_grpo_loss, group_advantages, grpo_loss
 
 EPS = 1e-4
 
@@ -146,43 +156,122 @@ def test_reward_spec_combines_weighted_rewards():
         parse_reward_spec("exact:x")
 
 
-def test_rollout_logps_match_token_by_token_decoding():
-    """Sample two completions with generate() at temperature 0.8, then compute the sampled tokens' log-probs
-    (of softmax(logits / 0.8), the sampling distribution) from one right-padded batched forward, and compare
-    with the log-probs seen while decoding the same tokens one by one through the KV cache."""
+def test_bradley_terry_loss_and_accuracy_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.5, 1.0])
+    loss, acc = bradley_terry_loss(chosen, rejected)
+    # margins 1, -0.5, 0: -log sigmoid(m) = log(1 + exp(-m)); a tie counts as wrong
+    want = (math.log(1 + math.exp(-1)) + math.log(1 + math.exp(0.5)) + math.log(2)) / 3
+    assert loss.item() == pytest.approx(want, rel=1e-6) and acc.item() == pytest.approx(1 / 3)
+
+
+def _pairs_file(path, n: int):
+    lines = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"question {i}" + " more" * (i % 4)}]
+        good = "the model answers" + " well" * (i % 3)
+        lines.append(json.dumps({"chosen": prompt + [{"role": "assistant", "content": good}],
+                                 "rejected": prompt + [{"role": "assistant", "content": "no"}]}))  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_reward_model_scores_each_row_at_its_last_token_whatever_the_padding(tokenizer_dir, tmp_path):
+    """pair_loss on a right-padded batch equals the Bradley-Terry loss and accuracy computed by hand from scores of
+    each row run alone (unpadded), read at its final token; the checkpoint reloads as a RewardModel."""
+    torch.manual_seed(0)
+    model = RewardModel(preset("debug", vocab_size=400))
+    tok = Tokenizer.load(tokenizer_dir)
+    data = load_pairs([str(_pairs_file(tmp_path / "pairs.jsonl", 6))], tok, 128)
+    batch = make_batch(data, list(range(6)), 128)
+    with torch.no_grad():
+        loss, metrics = pair_loss(model, batch)
+        alone = []
+        for side in (data.chosen, data.rejected):
+            for i in range(6):
+                ids = torch.from_numpy(np.concatenate([data.prompts[i], side[i]]))[None]
+                alone.append(model.score(model(ids, return_hidden=True).hidden[0, -1]).item())
+    margins = [alone[i] - alone[6 + i] for i in range(6)]
+    assert len({len(r) for r in data.chosen + data.rejected}) > 1  # rows of different lengths: padding matters
+    assert loss.item() == pytest.approx(sum(math.log(1 + math.exp(-m)) for m in margins) / 6, rel=1e-5)
+    assert metrics["acc"] == pytest.approx(sum(m > 0 for m in margins) / 6)
+    ckpt = checkpoint.save(tmp_path / "rm", 1, model, tokenizer_dir)
+    again = checkpoint.load_model(ckpt)
+    assert isinstance(again, RewardModel)
+    with torch.no_grad():
+        torch.testing.assert_close(pair_loss(again, batch)[0], loss)
+
+
+def test_reward_model_learns_to_rank_held_out_pairs(tokenizer_dir, tmp_path):
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "base", 0, Transformer(preset("debug", vocab_size=400)), tokenizer_dir)
+    cfg = RewardConfig(init=str(tmp_path / "base"), data=[str(_pairs_file(tmp_path / "pairs.jsonl", 60))],
+                       out=str(tmp_path / "rm"), steps=30, batch_size=4, seq_len=64, lr=3e-3, dtype="fp32",
+                       eval_every=30, eval_batches=4, val_fraction=0.2, tensorboard=False)  # fmt: skip
+    result = reward_model.run(cfg)
+    start, end = result.evals[0], result.evals[-1]
+    assert end["val_loss"] < start["val_loss"] - 0.2 and end["val_acc"] == 1.0
+    # usable as a GRPO reward: a longer, polite answer scores above "no"
+    reward = make_reward(f"model:{result.checkpoint}", torch.device("cpu"))
+    p = [Prompt([{"role": "user", "content": "question 99"}], [1], None)] * 2
+    good, bad = reward(p, ["the model answers well", "no"])
+    assert good > bad
+
+
+def test_rollout_batch_logps_match_token_by_token_decoding():
+    """The GRPO pipeline (engine samples at temperature 0.8 -> make_rows -> token_logps at 0.8) against the
+    log-probs of the same tokens seen while decoding them one by one through the KV cache."""
     torch.manual_seed(0)
     model = Transformer(preset("debug", vocab_size=128, max_position_embeddings=64)).eval()
-    temp = 0.8
+    temp, stop = 0.8, 7
     prompts = [[5, 17, 42], [9, 3, 77, 12, 1]]
-    rollouts = []
-    for i, prompt in enumerate(prompts):
-        s = SamplingConfig(max_new_tokens=10 - 3 * i, temperature=temp, top_k=0, top_p=1.0, seed=i)
-        rollouts.append(list(generate(model, prompt, s)))
-    assert [len(r) for r in rollouts] == [10, 7]
-
+    outs = sample_groups(model, prompts, 2, 10, temp, stop, seeds=[3, 4])
+    assert len(outs) == 4 and len({tuple(o) for o in outs}) > 1
+    batch = make_rows(prompts, outs, 2)
     with torch.no_grad():
-        stepwise = []
-        for prompt, out in zip(prompts, rollouts, strict=True):
+        logps, _ = token_logps(model, batch["input_ids"], batch["labels"], temp)
+        for r, out in enumerate(outs):
+            prompt = prompts[r // 2]
             cache = model.new_cache(1, len(prompt) + len(out))
             logits = model(torch.tensor([prompt]), cache, last_only=True).logits[0, -1]
-            row = []
-            for tok in out:
-                row.append(F.log_softmax(logits.float() / temp, -1)[tok].item())
-                logits = model(torch.tensor([[tok]]), cache, last_only=True).logits[0, -1]
-            stepwise.append(row)
+            want = []
+            for t in out:
+                want.append(F.log_softmax(logits.float() / temp, -1)[t].item())
+                logits = model(torch.tensor([[t]]), cache, last_only=True).logits[0, -1]
+            got = logps[r][batch["labels"][r] != -100]
+            torch.testing.assert_close(got, torch.tensor(want), atol=1e-4, rtol=1e-4)
+    assert (logps[batch["labels"] == -100] == 0).all()
+    # the same seeds give the same samples, alone or in a larger batch (what makes DDP runs reproducible)
+    assert sample_groups(model, prompts[1:], 2, 10, temp, stop, seeds=[4]) == outs[2:]
+    # the log-probs are those of the tempered distribution, not of temperature 1
+    at_one, _ = token_logps(model, batch["input_ids"], batch["labels"])
+    assert (at_one - logps).abs().max() > 1e-3
 
-        seqs = [p + r for p, r in zip(prompts, rollouts, strict=True)]
-        T = max(map(len, seqs))
-        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs])
-        logps = F.log_softmax(model(ids).logits.float() / temp, -1)  # [B, T, V]
-        # the token at position t is predicted by the logits at t - 1
-        batched = [
-            [logps[b, len(p) - 1 + j, tok].item() for j, tok in enumerate(r)]
-            for b, (p, r) in enumerate(zip(prompts, rollouts, strict=True))
-        ]
-    for got, want in zip(batched, stepwise, strict=True):
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-4)
-    # not vacuous: the log-probs are far from 0 (not all near-certain tokens) and depend on the temperature
-    assert max(abs(x) for row in stepwise for x in row) > 0.05
-    at_one = F.log_softmax(model(ids).logits.float(), -1)[0, len(prompts[0]) - 1, rollouts[0][0]].item()
-    assert abs(at_one - stepwise[0][0]) > 1e-3
+
+def _letter_reward(completion: str, answer: str | None) -> float:
+    """Share of the completion's characters that are the letter e (a reward a random model can climb)."""
+    return completion.count("e") / max(1, len(completion))
+
+
+def test_grpo_raises_the_reward_and_reports_its_metrics(tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(REWARDS, "letter_e", _letter_reward)
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "base", 0, Transformer(preset("debug", vocab_size=400)), tokenizer_dir)
+    lines = [json.dumps({"prompt": f"say something {i}"}) for i in range(40)]
+    lines.insert(3, "{broken json")
+    lines.insert(5, json.dumps({"messages": [{"role": "assistant", "content": "x"}]}))
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = grpo.GRPOConfig(init=str(tmp_path / "base"), data=[str(tmp_path / "prompts.jsonl")], reward="letter_e",
+                          out=str(tmp_path / "grpo"), steps=60, batch_size=4, group_size=8, max_new_tokens=12,
+                          seq_len=64, lr=1e-2, kl_beta=0.01, updates_per_batch=2, eval_every=30, dtype="fp32",
+                          eval_prompts=16, val_fraction=0.2, samples_every=5, tensorboard=False)  # fmt: skip
+    result = grpo.run(cfg)
+    m = result.metrics
+    assert {"reward", "reward_std", "kl", "clip_frac", "resp_len"} <= set(m[0])
+    # step 0: policy == reference == sampler, so no KL and no clipping; its second update on the same samples clips
+    assert m[0]["kl"] == 0 and m[0]["clip_frac"] == 0 and m[1]["clip_frac"] > 0
+    first, last = np.mean([x["reward"] for x in m[:4]]), np.mean([x["reward"] for x in m[-4:]])
+    assert last > first + 0.1, (first, last)
+    start, end = result.evals[0], result.evals[-1]
+    assert end["val_reward_sampled"] > start["val_reward_sampled"] + 0.1
+    samples = [json.loads(line) for line in (tmp_path / "grpo" / "rollouts.jsonl").read_text().splitlines()]
+    assert [s["rollout"] for s in samples] == list(range(0, 30, 5)) and len(samples[0]["completions"]) == 8

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nanomind import checkpoint
 from nanomind.config import arg
@@ -28,7 +27,8 @@ from nanomind.conversations import Epochs, _check
 from nanomind.device import autocast, resolve_device
 from nanomind.jsonl import BadLines, read_objects
 from nanomind.tokenizer import Tokenizer, render_chat
-from nanomind.train.loop import TrainConfig, TrainResult, dist_env, train, unwrap
+from nanomind.train.logprobs import token_logps
+from nanomind.train.loop import TrainConfig, TrainResult, dist_env, train
 from nanomind.train.losses import dpo_loss
 from nanomind.train.sft import load_init
 
@@ -185,14 +185,9 @@ def sequence_logps(
     model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """([R] each row's summed log-probability of its labelled tokens, the MoE balance loss or None); ids, labels
-    [R, T]. Logits are made only at the labelled positions."""
-    out = model(ids, return_hidden=True)
-    hidden = out.hidden  # [R, T, C]
-    mask = labels != -100
-    logits = (hidden[mask] @ unwrap(model).lm_head.weight.to(hidden.dtype).T).float()  # [N, V]
-    token_logps = -F.cross_entropy(logits, labels[mask], reduction="none")
-    rows = mask.nonzero()[:, 0]
-    return torch.zeros(len(ids), device=ids.device).index_add(0, rows, token_logps), out.aux_loss
+    [R, T]."""
+    logps, aux = token_logps(model, ids, labels)
+    return logps.sum(1), aux
 
 
 @torch.no_grad()

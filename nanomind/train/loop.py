@@ -103,6 +103,7 @@ class TrainResult:
     grad_norms: list[float] = field(default_factory=list)  # global gradient norm before clipping, per step
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", "val_bpb", ...}
     moe_load: list[float] = field(default_factory=list)  # MoE models: worst expert max/min load ratio per step
+    metrics: list[dict[str, float]] = field(default_factory=list)  # the stage's own metrics per step (see train)
     checkpoint: Path | None = None
     interrupted: bool = False
 
@@ -405,6 +406,7 @@ def train(
                 dist.all_reduce(t)
                 total_w = t.item() / world
             step_loss = step_tokens = 0.0
+            extra: dict[str, float] = {}  # the loss_fn's other metrics, averaged over the micro-batches
             for i, batch in enumerate(micro):
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 last = i == len(micro) - 1  # gradients are reduced across ranks in the last micro-step only
@@ -417,14 +419,21 @@ def train(
                 scaled.backward()
                 step_loss += scaled.item()
                 step_tokens += metrics.get("tokens", batch["input_ids"].numel())
+                for k, v in metrics.items():
+                    if k != "tokens":
+                        extra[k] = extra.get(k, 0.0) + float(v) / len(micro)
             grad_norm = clip_grad_norm(model, cfg.grad_clip) if cfg.grad_clip > 0 else 0.0
             out_of_time = bool(cfg.max_minutes) and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
             stop = _stop_requested or out_of_time
             if world > 1:  # one all-reduce: the global loss and tokens, and whether any rank must stop (all
                 # ranks leave at the same step, or the others hang in the next collective)
-                t = torch.tensor([step_loss, step_tokens, float(stop)], device=device, dtype=torch.float64)
+                # ranks of one stage report the same metric names, so their means travel in the same tensor
+                names = sorted(extra)
+                t = torch.tensor([step_loss, step_tokens, float(stop), *(extra[k] for k in names)], device=device,
+                                 dtype=torch.float64)  # fmt: skip
                 dist.all_reduce(t)
                 step_loss, step_tokens, stop = t[0].item() / world, t[1].item(), bool(t[2].item())
+                extra = {k: t[3 + i].item() / world for i, k in enumerate(names)}
             tokens_since_log += int(step_tokens)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -439,18 +448,20 @@ def train(
             result.step = step
             result.losses.append(step_loss)
             result.grad_norms.append(grad_norm)
+            result.metrics.append(extra)
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
                 tok_s = tokens_since_log / (now - t_log)
                 mfu = tok_s * flops_per_token / peak / world if peak else 0.0
-                extra = {"aux": f"{moe_stats['moe_aux_loss']:.3f}",
-                         "load": f"{moe_stats.get('moe_load_max_min', 0):.2f}"} if experts else {}  # fmt: skip
+                moe = {"aux": f"{moe_stats['moe_aux_loss']:.3f}",
+                       "load": f"{moe_stats.get('moe_load_max_min', 0):.2f}"} if experts else {}  # fmt: skip
+                stage = {k: f"{v:.4g}" for k, v in extra.items()}
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", gnorm=f"{grad_norm:.2f}",
-                                tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", **extra)  # fmt: skip
+                                tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", **moe, **stage)  # fmt: skip
                 if writer:
                     for k, v in {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                                 "mfu": mfu}.items():  # fmt: skip
+                                 "mfu": mfu, **extra}.items():  # fmt: skip
                         writer.add_scalar(f"train/{k}", v, step)
                     for k, v in (moe_stats if experts else {}).items():
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, step)

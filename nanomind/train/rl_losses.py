@@ -1,4 +1,4 @@
-"""GRPO-family policy losses: small pure functions, shapes in the docstrings (issue 10).
+"""RL losses, small pure functions with shapes in the docstrings: the GRPO family and the reward model's.
 
 Shapes: P prompts x G samples per prompt are flattened to B = P * G rows; completions are padded to T tokens.
 logp, old_logp, ref_logp [B, T]: per-token log-probabilities of the sampled tokens under the policy being trained,
@@ -20,6 +20,7 @@ Deviations from the papers:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 EPS = 1e-4
 
@@ -115,3 +116,11 @@ def cispo_loss(
     per_token = -(weight * adv[:, None] * logp) + kl_beta * kl
     loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     return loss, _metrics(ratio > 1 + eps_high, kl, mask)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reward-model loss on preference pairs: chosen, rejected [P] scalar rewards -> (mean -log sigmoid(chosen -
+    rejected), accuracy: the share of pairs ranked right, ties counting as wrong). The Bradley-Terry model says
+    P(chosen preferred) = sigmoid(r_chosen - r_rejected); the loss is its negative log-likelihood."""
+    margin = chosen.float() - rejected.float()
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean().detach()
