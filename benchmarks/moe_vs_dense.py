@@ -12,54 +12,29 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from common import emit, header
+from common import emit, header, pretrain_data, pretrain_preset
 
-from nanomind.data import PackedBatches, PrepareConfig, TokenShards, eval_batches, prepare
-from nanomind.model import Transformer, preset
+from nanomind.data import TokenShards, eval_batches
 from nanomind.model.moe import load_stats, moe_layers
-from nanomind.tokenizer import Tokenizer, TokenizerTrainConfig, train_tokenizer
-from nanomind.train.loop import TrainConfig, train
-from nanomind.train.pretrain import cross_entropy, make_eval_fn
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def run(name: str, data: Path, args, out: Path) -> dict:
-    tok = Tokenizer.load(data / "tokenizer")
-    torch.manual_seed(0)
-    model = Transformer(preset(name, vocab_size=tok.vocab_size))
-    stamps: list[float] = []
-
-    def timed(m, b):
-        stamps.append(time.perf_counter())
-        return cross_entropy(m, b)
-
-    cfg = TrainConfig(out=str(out / name), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      lr=args.lr, warmup_steps=args.steps // 10, dtype=args.dtype, eval_every=args.eval_every,
-                      eval_batches=args.eval_batches, save_every=0, tensorboard=False, log_every=10)  # fmt: skip
-    val = TokenShards(data, "val")
-    evaluate = make_eval_fn(val, torch.tensor(tok.token_bytes()), args.batch_size, args.seq_len, args.eval_batches)
-    batches = PackedBatches(TokenShards(data, "train"), args.batch_size, args.seq_len, seed=0)
-    result = train(model, cfg, batches, timed, evaluate)
-    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
-    step_s = statistics.median(steps[2:]) if len(steps) > 3 else float("nan")
+    model, result, tokens_per_s = pretrain_preset(name, data, out, args)
     held_out = {}
     if moe_layers(model):  # expert loads of the final model on held-out text
         model.train()
         for m in moe_layers(model):
             m.load.zero_()
         with torch.no_grad():
-            for b in eval_batches(val, args.batch_size, args.seq_len, args.eval_batches):
-                model(b["input_ids"])
+            for b in eval_batches(TokenShards(data, "val"), args.batch_size, args.seq_len, args.eval_batches):
+                model(b["input_ids"].to(next(model.parameters()).device))
         held_out = {k: v for k, v in load_stats(model).items() if k.startswith("moe/")}
     return {"preset": name, "params": model.num_params(), "active": model.config.num_params(active=True),
-            "tokens_per_s": args.batch_size * args.seq_len / step_s,
+            "tokens_per_s": tokens_per_s,
             "bpb": [(int(e["step"]), round(e["val_bpb"], 4)) for e in result.evals],
             "train_load_max_min": result.moe_load, "held_out_load_max_min": held_out}  # fmt: skip
 
@@ -78,13 +53,7 @@ def main() -> None:
     args = p.parse_args()
     header("MoE vs dense of equal active size")
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(args.data) if args.data else Path(tmp) / "data"
-        if not args.data:
-            tok_dir = str(Path(tmp) / "tok")
-            train_tokenizer(TokenizerTrainConfig(data=[str(SHARED / "tokenizer" / "tokenizer_corpus.jsonl")],
-                                                 vocab_size=6400, out=tok_dir))  # fmt: skip
-            files = sorted(str(f) for f in (SHARED / "pretrain").glob("*.jsonl"))
-            prepare(PrepareConfig(data=files, tokenizer=tok_dir, out=str(data)))
+        data = pretrain_data(Path(tmp), [args.data] if args.data else None)
         rows = [run(name, data, args, Path(tmp) / "runs") for name in args.presets]
     for r in rows:
         loads = [x for x in r["train_load_max_min"] if not math.isnan(x)]

@@ -29,6 +29,10 @@ halves; q_lora_rank 0 is its None), dense or with a sigmoid-scored MoE after fir
 like GLM-4.5's (one expert group, routed_scaling_factor 1, the bias always added). Multi-token prediction modules
 (model/mtp.py) exist in no transformers class: every export leaves them out, with a printed note.
 Import of DeepSeek-V3 and GGUF export of MLA are not implemented.
+
+Gated DeltaNet hybrids (model/linear_attention.py, full_attention_interval > 0) are refused by both exports: the one
+native class with such layers, `Qwen3NextForCausalLM` (and llama.cpp's `qwen3next`, which follows it), names and
+computes the DeltaNet layers as we do but the rest of the model differently (QWEN3_NEXT_DIFFERENCES).
 """
 
 from __future__ import annotations
@@ -95,8 +99,21 @@ MLA_FIELDS = {"attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "q
 MTP_FIELDS = {"num_nextn_predict_layers", "mtp_loss_weight"}
 
 
+QWEN3_NEXT_DIFFERENCES = (
+    "its full-attention layers gate their output (q_proj also produces a per-head sigmoid gate) and rotate only "
+    "a quarter of each head (partial_rotary_factor 0.25), its RMSNorm weights are zero-centred (scale 1 + w), "
+    "and its shared expert is scaled by a sigmoid gate (shared_expert_gate)"
+)
+
+
 def architecture(cfg: ModelConfig) -> Arch:
     """The native architecture for cfg, or a ValueError naming the feature no mapping covers."""
+    if cfg.full_attention_interval:
+        raise ValueError(
+            f"export cannot map this model: it has gated DeltaNet layers (full_attention_interval="
+            f"{cfg.full_attention_interval}), and the one transformers class with them, Qwen3NextForCausalLM, "
+            f"differs from nanomind's hybrid elsewhere: {QWEN3_NEXT_DIFFERENCES}"
+        )
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     # a dense model (num_experts 0) never reads the MoE fields, whatever their values
     known = DENSE_FIELDS | MOE_FIELDS | MTP_FIELDS | (MLA_FIELDS if cfg.attention == "mla" else set())

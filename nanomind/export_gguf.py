@@ -28,6 +28,7 @@ from nanomind.export import (
     GLM4_MOE,
     MIXTRAL,
     QWEN3_MOE,
+    QWEN3_NEXT_DIFFERENCES,
     Arch,
     architecture,
     check_weights,
@@ -128,6 +129,12 @@ def gguf_architecture(model: Transformer) -> Arch:
     """The llama.cpp architecture for the model: that of its transformers export where llama.cpp computes that
     exactly, else, for MoE, `glm4moe`; a ValueError names a feature neither covers."""
     cfg = model.config
+    if cfg.full_attention_interval:
+        raise ValueError(
+            f"GGUF export does not map gated DeltaNet hybrids (full_attention_interval={cfg.full_attention_interval}): "
+            f"llama.cpp's qwen3next graph computes transformers' Qwen3-Next, which differs from nanomind's hybrid: "
+            f"{QWEN3_NEXT_DIFFERENCES}"
+        )
     if cfg.attention == "mla":
         raise ValueError("GGUF export does not map multi-head latent attention (attention='mla') yet; "
                          "use `nanomind export hf` (DeepseekV3ForCausalLM)")  # fmt: skip

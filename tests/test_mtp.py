@@ -25,8 +25,8 @@ def test_packed_rows_give_the_mtp_states_of_each_document_alone():
     row = torch.cat(docs + [torch.zeros(4, dtype=torch.long)])[None]  # 4 padding tokens at the end
     doc_ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)] + [torch.full((4,), -1)])[None]
     with torch.no_grad():
-        packed = model(row, doc_ids=doc_ids, return_hidden=True)
-        alone = [model(d[None], return_hidden=True) for d in docs]
+        packed = model(row, doc_ids=doc_ids, return_hidden=True, mtp=True)
+        alone = [model(d[None], return_hidden=True, mtp=True) for d in docs]
     assert [h.shape[1] for h in packed.mtp_hidden] == [27, 26]
     start = 0
     for d, out in zip(docs, alone, strict=True):
@@ -74,7 +74,7 @@ def test_pretrain_and_sft_losses_add_the_weighted_mtp_loss():
     with torch.no_grad():
         logits = model(ids).logits
         main = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        mtp = model(ids, return_hidden=True).mtp_hidden[0] @ model.lm_head.weight.T  # [2, 15, V]
+        mtp = model(ids, return_hidden=True, mtp=True).mtp_hidden[0] @ model.lm_head.weight.T  # [2, 15, V]
         extra = F.cross_entropy(mtp.flatten(0, 1), labels[:, 1:].flatten())
     torch.testing.assert_close(loss.detach(), main + 0.5 * extra, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(float(metrics["mtp"]), 0.5 * extra.item(), atol=1e-5, rtol=1e-5)
@@ -143,7 +143,7 @@ def test_checkpoint_round_trips_an_mla_mtp_model(tmp_path):
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     ids = torch.randint(0, 100, (1, 12))
     with torch.no_grad():
-        a, b = model(ids, return_hidden=True), loaded(ids, return_hidden=True)
+        a, b = model(ids, return_hidden=True, mtp=True), loaded(ids, return_hidden=True, mtp=True)
     assert torch.equal(a.hidden, b.hidden) and torch.equal(a.mtp_hidden[0], b.mtp_hidden[0])
 
 

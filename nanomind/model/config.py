@@ -128,12 +128,22 @@ class ModelConfig:
 
     def kv_cache_bytes_per_token(self, dtype_bytes: int = 2) -> dict[str, int]:
         """Cache bytes per token over all layers: {"cache": this config's, "gqa": what GQA (k and v of
-        num_key_value_heads x head_dim) would store}. MLA stores a kv_lora_rank latent plus the shared rope key;
-        gated DeltaNet layers keep a fixed-size state instead (0 bytes per token)."""
+        num_key_value_heads x head_dim) would store in the same layers}. MLA stores a kv_lora_rank latent plus the
+        shared rope key; gated DeltaNet layers store nothing per token (their fixed-size state: linear_state_bytes)."""
         full = sum(not self.is_linear_attention(i) for i in range(self.num_hidden_layers))
         gqa = 2 * self.num_key_value_heads * self.head_dim
         per_layer = self.kv_lora_rank + self.qk_rope_head_dim if self.attention == "mla" else gqa
         return {"cache": full * per_layer * dtype_bytes, "gqa": full * gqa * dtype_bytes}
+
+    def linear_state_bytes(self, dtype_bytes: int = 2) -> int:
+        """Bytes per sequence of the gated DeltaNet layers' fixed-size cache, whatever the length: the recurrent
+        state (linear_num_value_heads x key x value head dims, kept in fp32 at least) and the short convolution's
+        last kernel - 1 inputs of q, k and v (in the cache dtype). 0 without such layers."""
+        linear = sum(self.is_linear_attention(i) for i in range(self.num_hidden_layers))
+        state = self.linear_num_value_heads * self.linear_key_head_dim * self.linear_value_head_dim
+        conv_dim = 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_num_value_heads * (
+            self.linear_value_head_dim)  # fmt: skip
+        return linear * (state * max(dtype_bytes, 4) + conv_dim * (self.linear_conv_kernel_dim - 1) * dtype_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -250,6 +260,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                              num_experts_per_tok=2, moe_intermediate_size=512, n_shared_experts=1,
                              scoring_func="sigmoid", router_aux_loss_coef=0.0, router_bias_update_rate=1e-3,
                              first_k_dense_replace=1, num_nextn_predict_layers=1),
+    # debug with Qwen3-Next's pieces: 3 gated DeltaNet layers then one full-attention layer (qk-norm, 4 q / 2 kv
+    # heads), a softmax MoE of 4 experts (top-2) + a shared one in every layer
+    "debug-next": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, qk_norm=True, max_position_embeddings=512, full_attention_interval=4,
+                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                       n_shared_experts=1),
+    # Qwen3-Next in miniature (170M, 46M active; deepseek-v3-mini's width and total): 12 layers, each three gated
+    # DeltaNet layers (4 q/k heads, 8 value heads, 64 wide) then one GQA layer with qk-norm (10 q / 2 kv heads),
+    # so only 3 layers cache keys and values (1,536 bytes per token in bf16); every layer a softmax MoE of 16
+    # experts (top-2, renormalised) + a shared one. No MTP: speculative decoding cannot roll a recurrent state back
+    "qwen3-next-mini": dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=12, num_attention_heads=10,
+                            num_key_value_heads=2, head_dim=64, qk_norm=True, full_attention_interval=4,
+                            linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+                            linear_value_head_dim=64, num_experts=16, num_experts_per_tok=2, moe_intermediate_size=384,
+                            n_shared_experts=1, router_aux_loss_coef=0.001),
 }  # fmt: skip
 
 
@@ -264,6 +290,7 @@ def describe_presets() -> str:
         total = f"{cfg.num_params() / 1e6:.1f}M"
         if cfg.num_experts:
             total += f" ({cfg.num_params(active=True) / 1e6:.1f}M active)"
-        return total + (" MLA" if cfg.attention == "mla" else "")
+        total += " MLA" if cfg.attention == "mla" else ""
+        return total + (" hybrid (gated DeltaNet)" if cfg.full_attention_interval else "")
 
     return ", ".join(f"{name} {size(ModelConfig(**kw))}" for name, kw in PRESETS.items())

@@ -275,6 +275,7 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         positions: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
+        mtp: bool = False,
     ) -> Output:
         """ids: [B, T] token ids. With a cache, positions continue from cache.pos and the cache advances.
 
@@ -285,7 +286,9 @@ class Transformer(nn.Module):
         only to earlier tokens of its own document and positions restart at each document, so a packed row gives
         the same logits as its documents run one by one.
         return_hidden skips lm_head and returns the final hidden states, for losses that apply lm_head.weight
-        themselves in chunks (train/losses.py); without a cache it also runs the MTP modules (Output.mtp_hidden)."""
+        themselves in chunks (train/losses.py). mtp (with return_hidden, no cache) also runs the MTP modules
+        (Output.mtp_hidden): only the stages that train them ask, so DPO, distillation or RL on a model with MTP
+        modules do not pay for them."""
         B, T = ids.shape
         x = self.model.embed_tokens(ids)  # [B, T, C]
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
@@ -297,7 +300,7 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         blocks = list(self.model.layers)
         mtp = None
-        if return_hidden and cache is None and self.config.num_nextn_predict_layers:
+        if mtp and return_hidden and cache is None and self.config.num_nextn_predict_layers:
             mtp, h = [], x
             for k, module in enumerate(self.model.mtp):
                 n = T - 1 - k  # positions whose token k + 1 places ahead is in the row

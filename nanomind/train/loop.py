@@ -181,7 +181,10 @@ def distribute(model: Transformer, cfg: TrainConfig, world: int, device: torch.d
     no_sync = (
         "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
     )
-    return ddp(model, device_ids=[device] if device.type == "cuda" else None, **{no_sync: False})
+    # MTP modules get no gradient in the stages that do not train them (DPO, distillation, RL): let DDP skip them
+    unused = bool(model.config.num_nextn_predict_layers)
+    return ddp(model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=unused,
+               **{no_sync: False})  # fmt: skip
 
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -44,7 +44,7 @@ class PretrainConfig(TrainConfig):
 def cross_entropy(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean next-token loss over all positions; labels [B, T] are the inputs shifted by one. Models with MTP
     modules add their weighted loss (logged as "mtp")."""
-    out = model(batch["input_ids"], return_hidden=True)  # hidden [B, T, C]
+    out = model(batch["input_ids"], return_hidden=True, mtp=True)  # hidden [B, T, C]
     head = unwrap(model).lm_head.weight
     loss = linear_cross_entropy(out.hidden.flatten(0, 1), head, batch["labels"].flatten())
     metrics: dict[str, float] = {"tokens": batch["labels"].numel()}
@@ -131,6 +131,12 @@ def run(cfg: PretrainConfig) -> TrainResult:
             b = model.config.kv_cache_bytes_per_token()
             print(f"multi-head latent attention: {b['cache']:,} cache bytes per token in bf16 "
                   f"(GQA with {model.config.num_key_value_heads} kv heads: {b['gqa']:,})")  # fmt: skip
+        if model.config.full_attention_interval:
+            c = model.config
+            linear = sum(c.is_linear_attention(i) for i in range(c.num_hidden_layers))
+            print(f"hybrid: {linear} of {c.num_hidden_layers} layers gated DeltaNet; cache in bf16 "
+                  f"{c.kv_cache_bytes_per_token()['cache']:,} bytes per token (full-attention layers) + "
+                  f"{c.linear_state_bytes():,} bytes of fixed state per sequence")  # fmt: skip
         if model.config.num_nextn_predict_layers:
             print(f"multi-token prediction: {model.config.num_nextn_predict_layers} module(s), loss weight "
                   f"{model.config.mtp_loss_weight}")  # fmt: skip

@@ -53,7 +53,7 @@ def sft_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     """Mean cross-entropy over the trained (assistant) tokens; labels are -100 elsewhere. With a `loss_scale`
     [B, T] in the batch (TagWeighted), each token's loss is multiplied by it; the mean still divides by the
     number of trained tokens. Models with MTP modules add their weighted loss (logged as "mtp")."""
-    out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True)
+    out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"), return_hidden=True, mtp=True)
     scale = batch["loss_scale"].flatten() if "loss_scale" in batch else None
     head = unwrap(model).lm_head.weight
     loss = linear_cross_entropy(out.hidden.flatten(0, 1), head, batch["labels"].flatten(), scale=scale)
