@@ -299,21 +299,21 @@ class Transformer(nn.Module):
             cache.pos += T
         x = self.model.norm(x)
         blocks = list(self.model.layers)
-        mtp = None
+        states = None
         if mtp and return_hidden and cache is None and self.config.num_nextn_predict_layers:
-            mtp, h = [], x
+            states, h = [], x
             for k, module in enumerate(self.model.mtp):
                 n = T - 1 - k  # positions whose token k + 1 places ahead is in the row
                 if n <= 0:
                     break
                 sub = self._mixing(n, x.device, dtype, None, None, doc_ids[:, :n] if doc_ids is not None else None)
                 h, normed = module(h[:, :n], self.model.embed_tokens(ids[:, k + 1 :]), None, sub)
-                mtp.append(normed)
+                states.append(normed)
                 blocks.append(module.block)
         aux = [b.mlp.aux_loss for b in blocks if isinstance(b.mlp, MoE) and b.mlp.aux_loss is not None]
         aux_loss = torch.stack(aux).sum() if aux else None
         if return_hidden:
-            return Output(None, aux_loss, hidden=x, mtp_hidden=mtp)
+            return Output(None, aux_loss, hidden=x, mtp_hidden=states)
         if last_only:
             x = x[:, -1:]
         return Output(self.lm_head(x), aux_loss)
