@@ -1,4 +1,4 @@
-"""`nanomind demo grpo`: reinforcement learning that visibly works on a laptop CPU (about 8 minutes on 2 cores).
+"""`nanomind demo grpo`: reinforcement learning that visibly works on a laptop CPU (about 6 minutes on 2 cores).
 
     nanomind demo grpo                      # the whole run: data, tokenizer, SFT from scratch, GRPO, the table
     nanomind demo grpo --grpo-steps 0       # stop after SFT (the starting point alone)

@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-from conftest import make_texts, write_jsonl
+from conftest import assert_engine_matches_generate, make_texts, write_jsonl
 from test_dpo import dpo_config, synthetic_pairs
 from test_sft import write_chats
 
 from nanomind import checkpoint
 from nanomind.data import PrepareConfig, prepare
-from nanomind.engine import Engine, Request
 from nanomind.generate import SamplingConfig, generate
 from nanomind.model import Transformer, preset
 from nanomind.model.linear_attention import GatedDeltaNet, LinearState
@@ -104,28 +103,8 @@ def test_packed_rows_give_each_document_alone():
 
 
 def test_engine_yields_what_generate_yields():
-    """Continuous batching: per-row positions [B, 1], a request joining a running batch, and finished requests'
-    rows taken over by the last one (copy_row moves its recurrent and convolution states)."""
-    model = hybrid(torch.float32, max_position_embeddings=64)
-    settings = [SamplingConfig(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0),
-                SamplingConfig(max_new_tokens=5, temperature=0.9, top_k=20, seed=3),
-                SamplingConfig(max_new_tokens=15, temperature=1.0, top_k=0, top_p=1.0, seed=5),
-                SamplingConfig(max_new_tokens=8, temperature=0.7, seed=7)]  # fmt: skip
-    prompts = [[5, 17, 42], [7] * 11, list(range(30, 50)), [99, 3]]
-    engine, out = Engine(model, max_batch=3), {}
-
-    def collect(key):
-        return lambda token, finish: out.setdefault(key, []).append(token) if token is not None else None
-
-    engine.submit(Request(prompts[0], settings[0], collect(0)))
-    engine.submit(Request(prompts[1], settings[1], collect(1)))
-    engine.step()
-    engine.submit(Request(prompts[2], settings[2], collect(2)))  # joins a running batch
-    engine.submit(Request(prompts[3], settings[3], collect(3)))  # waits for a free row
-    while engine.running or not engine.waiting.empty():
-        engine.step()
-    for i, (p, s) in enumerate(zip(prompts, settings, strict=True)):
-        assert out[i] == list(generate(model, p, s)), i
+    """copy_row moves the recurrent and convolution states of the request that takes over a finished row."""
+    assert_engine_matches_generate(hybrid(torch.float32, max_position_embeddings=64))
 
 
 def test_speculative_decoding_refuses_a_hybrid_with_mtp(tmp_path, tokenizer_dir):

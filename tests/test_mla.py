@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_engine_matches_generate
 
 from nanomind import checkpoint
-from nanomind.engine import Engine, Request
-from nanomind.generate import SamplingConfig, generate
 from nanomind.model import ModelConfig, Transformer, preset
 from nanomind.model.mla import LatentCache
 
@@ -178,21 +177,4 @@ def test_export_hf_gives_our_logits(tmp_path, tokenizer_dir, capsys):
 
 def test_engine_yields_what_generate_yields():
     torch.manual_seed(0)
-    model = Transformer(preset("debug-mla", vocab_size=128, max_position_embeddings=64)).eval()
-    settings = [SamplingConfig(max_new_tokens=12, temperature=0.0, repetition_penalty=1.0),
-                SamplingConfig(max_new_tokens=9, temperature=0.9, top_k=20, seed=3),
-                SamplingConfig(max_new_tokens=15, temperature=1.0, top_k=0, top_p=1.0, seed=5)]  # fmt: skip
-    prompts = [[5, 17, 42], [7] * 11, list(range(30, 50))]
-    engine, out = Engine(model, max_batch=3), {}
-
-    def collect(key):
-        return lambda token, finish: out.setdefault(key, []).append(token) if token is not None else None
-
-    engine.submit(Request(prompts[0], settings[0], collect(0)))
-    engine.submit(Request(prompts[1], settings[1], collect(1)))
-    engine.step()
-    engine.submit(Request(prompts[2], settings[2], collect(2)))  # joins a running batch
-    while engine.running or not engine.waiting.empty():
-        engine.step()
-    for i, (p, s) in enumerate(zip(prompts, settings, strict=True)):
-        assert out[i] == list(generate(model, p, s)), i
+    assert_engine_matches_generate(Transformer(preset("debug-mla", vocab_size=128, max_position_embeddings=64)).eval())
