@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             run = getattr(importlib.import_module(module), function or "main")
             try:
                 run(args[words:])
-            except ValueError as e:
+            except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
                 print(f"nanomind {name}: error: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
             except KeyboardInterrupt:

@@ -77,6 +77,20 @@ def test_unknown_command_is_a_clear_error():
     assert out.returncode == 2 and "eval ppl, eval choice, eval compare" in out.stderr
 
 
+def test_a_missing_input_file_is_a_message_not_a_traceback(tmp_path, tokenizer_dir):
+    from nanomind import checkpoint
+    from nanomind.model import Transformer, preset
+
+    ckpt = checkpoint.save(tmp_path / "run", 0, Transformer(preset("debug", vocab_size=400)), tokenizer_dir)
+    missing = str(tmp_path / "nope.jsonl")
+    common = ["--init", str(ckpt), "--data", missing, "--seq-len", "64"]
+    for command in (["reward", "train"], ["grpo", "--max-new-tokens", "8"]):
+        out = subprocess.run([sys.executable, "-m", "nanomind", *command, *common], capture_output=True, text=True,
+                             cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().endswith(f"No such file or directory: '{missing}'") and "Traceback" not in out.stderr
+
+
 @dataclass
 class Example:
     data: list[str] = arg(help="inputs")
