@@ -30,9 +30,13 @@ like GLM-4.5's (one expert group, routed_scaling_factor 1, the bias always added
 (model/mtp.py) exist in no transformers class: every export leaves them out, with a printed note.
 Import of DeepSeek-V3 and GGUF export of MLA are not implemented.
 
-Gated DeltaNet hybrids (model/linear_attention.py, full_attention_interval > 0) are refused by both exports: the one
-native class with such layers, `Qwen3NextForCausalLM` (and llama.cpp's `qwen3next`, which follows it), names and
-computes the DeltaNet layers as we do but the rest of the model differently (QWEN3_NEXT_DIFFERENCES).
+Gated DeltaNet hybrids (model/linear_attention.py, full_attention_interval > 0) with qk-norm are a
+`Qwen3NextForCausalLM`, which names and computes the DeltaNet layers as we do but the rest differently
+(QWEN3_NEXT_DIFFERENCES); each difference is mapped exactly (`qwen3_next_state`): the output gate's rows of q_proj are
+zeros (sigmoid(0) = 0.5) and o_proj is doubled, partial_rotary_factor is 1.0, the zero-centred RMSNorms get w - 1
+(the DeltaNet's gated norm is a plain weight and stays), and the shared expert gets Qwen2-MoE's zero gate and
+doubled down_proj. Dense hybrids (num_experts 0) and leading dense layers (mlp_only_layers) map too; refused: no
+qk-norm, MLA, sigmoid scoring. GGUF export refuses the hybrid (llama.cpp's `qwen3next`); import does not map it.
 """
 
 from __future__ import annotations
@@ -77,6 +81,9 @@ MIXTRAL = Arch("MixtralForCausalLM", "MixtralConfig", "mixtral", "llama", gguf_p
 QWEN2_MOE = Arch("Qwen2MoeForCausalLM", "Qwen2MoeConfig", "qwen2_moe", "qwen2moe", gguf_permute_qk=False, moe=True)
 # qk-norm optional (use_qk_norm); also llama.cpp's graph for every MoE its qwen3moe / llama graphs cannot run
 GLM4_MOE = Arch("Glm4MoeForCausalLM", "Glm4MoeConfig", "glm4_moe", "glm4moe", gguf_permute_qk=False, moe=True)
+# gated DeltaNet hybrids, dense or MoE (not in ARCHS: import does not map it back yet; GGUF export refuses them)
+QWEN3_NEXT = Arch("Qwen3NextForCausalLM", "Qwen3NextConfig", "qwen3_next", "qwen3next", gguf_permute_qk=False,
+                  moe=True, qk_norm=True)  # fmt: skip
 # MLA, dense or MoE (not in ARCHS: import does not map it back yet)
 DEEPSEEK_V3 = Arch("DeepseekV3ForCausalLM", "DeepseekV3Config", "deepseek_v3", "deepseek2", gguf_permute_qk=False,
                    moe=True)  # fmt: skip
@@ -97,8 +104,12 @@ MOE_FIELDS = {"num_experts", "num_experts_per_tok", "moe_intermediate_size", "no
 MLA_FIELDS = {"attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
               "first_k_dense_replace"}  # fmt: skip
 MTP_FIELDS = {"num_nextn_predict_layers", "mtp_loss_weight"}
+# ... and those of the Qwen3-Next mapping (first_k_dense_replace: its mlp_only_layers)
+HYBRID_FIELDS = {"full_attention_interval", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                 "linear_value_head_dim", "linear_conv_kernel_dim", "first_k_dense_replace"}  # fmt: skip
 
 
+# What Qwen3-Next computes beyond our hybrid; `export hf` maps each exactly (hf_state_dict), GGUF export refuses.
 QWEN3_NEXT_DIFFERENCES = (
     "its full-attention layers gate their output (q_proj also produces a per-head sigmoid gate) and rotate only "
     "a quarter of each head (partial_rotary_factor 0.25), its RMSNorm weights are zero-centred (scale 1 + w), "
@@ -109,18 +120,26 @@ QWEN3_NEXT_DIFFERENCES = (
 def architecture(cfg: ModelConfig) -> Arch:
     """The native architecture for cfg, or a ValueError naming the feature no mapping covers."""
     if cfg.full_attention_interval:
-        raise ValueError(
-            f"export cannot map this model: it has gated DeltaNet layers (full_attention_interval="
-            f"{cfg.full_attention_interval}), and the one transformers class with them, Qwen3NextForCausalLM, "
-            f"differs from nanomind's hybrid elsewhere: {QWEN3_NEXT_DIFFERENCES}"
-        )
+        hybrid = f"this gated DeltaNet hybrid (full_attention_interval={cfg.full_attention_interval})"
+        if cfg.attention == "mla":
+            raise ValueError(f"export cannot map {hybrid}: it uses attention='mla', and Qwen3NextForCausalLM's "
+                             "full-attention layers are GQA")  # fmt: skip
+        if not cfg.qk_norm:
+            raise ValueError(f"export cannot map {hybrid}: it uses qk_norm=False, and Qwen3NextForCausalLM's "
+                             "full-attention layers always normalise each head's q and k")  # fmt: skip
+        if cfg.num_experts and cfg.scoring_func != "softmax":
+            raise ValueError(f"export cannot map {hybrid}: it uses scoring_func={cfg.scoring_func!r}; "
+                             "Qwen3NextForCausalLM's router scores experts by softmax")  # fmt: skip
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     # a dense model (num_experts 0) never reads the MoE fields, whatever their values
     known = DENSE_FIELDS | MOE_FIELDS | MTP_FIELDS | (MLA_FIELDS if cfg.attention == "mla" else set())
+    known |= HYBRID_FIELDS if cfg.full_attention_interval else set()
     extra = {k: v for k, v in cfg.to_dict().items() if k not in known and v != defaults.get(k)}
     if extra:
         features = "; ".join(f"{k}={v!r}" for k, v in extra.items())
         raise ValueError(f"export cannot map this model: it uses {features}: no mapping for it")
+    if cfg.full_attention_interval:
+        return QWEN3_NEXT
     if cfg.attention == "mla":
         if cfg.qk_norm:
             raise ValueError("export cannot map this MLA model: it uses qk_norm=True, and DeepSeek-V3's attention "
@@ -214,23 +233,62 @@ def hf_state_dict(model: Transformer, arch: Arch) -> dict[str, torch.Tensor]:
         state = {k.replace(".mlp.e_score_correction_bias", ".mlp.gate.e_score_correction_bias"): v if use or not
                  k.endswith("e_score_correction_bias") else torch.zeros_like(v) for k, v in state.items()}  # fmt: skip
     state = {k: v for k, v in state.items() if not k.endswith(".mlp.e_score_correction_bias")}
-    if arch is QWEN2_MOE:  # an always-on shared expert: gate sigmoid(0) = 0.5, down_proj doubled (both exact)
-        out = {}
-        for k, v in state.items():
-            if ".mlp.shared_experts." in k:
-                out[k.replace(".shared_experts.", ".shared_expert.")] = v * 2 if k.endswith("down_proj.weight") else v
-            else:
-                out[k] = v
-            if k.endswith(".mlp.gate.weight"):
-                out[k.replace(".gate.", ".shared_expert_gate.")] = torch.zeros(1, v.shape[1])
+    if arch is QWEN2_MOE:
+        state = sigmoid_gated_shared_expert(state)
+        for k, v in list(state.items()):  # q/k/v: zero biases (transformers 4.x's Qwen2-MoE always has them)
             if k.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
-                out[k.removesuffix("weight") + "bias"] = torch.zeros(v.shape[0])
-        state = out
+                state[k.removesuffix("weight") + "bias"] = torch.zeros(v.shape[0])
+    if arch is QWEN3_NEXT:
+        state = qwen3_next_state(state, model.config)
     if arch is MIXTRAL:
         for ours, theirs in MIXTRAL_NAMES:
             state = {k.replace(ours, theirs) if ".mlp." in k or ".block_sparse_moe." in k else k: v
                      for k, v in state.items()}  # fmt: skip
     return state
+
+
+def sigmoid_gated_shared_expert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen2-MoE / Qwen3-Next: the shared expert (`shared_expert`, singular) is scaled by
+    sigmoid(shared_expert_gate(x)); ours is always on, so the gate is written as zeros (sigmoid(0) = 0.5) and its
+    down_proj doubled, both exact."""
+    out = {}
+    for k, v in state.items():
+        if ".mlp.shared_experts." in k:
+            out[k.replace(".shared_experts.", ".shared_expert.")] = v * 2 if k.endswith("down_proj.weight") else v
+        else:
+            out[k] = v
+        if k.endswith(".mlp.gate.weight"):
+            out[k.replace(".gate.", ".shared_expert_gate.")] = torch.zeros(1, v.shape[1])
+    return out
+
+
+# Qwen3NextRMSNorm scales by 1 + w (zero-centred); the gated DeltaNet's own norm (linear_attn.norm) by w, as ours
+ZERO_CENTRED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
+                      "self_attn.k_norm.weight")  # fmt: skip
+
+
+def qwen3_next_state(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our hybrid's tensors as Qwen3-Next computes the same function: its RMSNorms get w - 1 (1 + (w - 1) is w
+    exactly for w in [0.5, 2], within an ulp otherwise); its full attention's q_proj yields, per head, the query
+    followed by an output gate (`view(..., heads, 2 * head_dim).chunk(2)`), written as zero rows, so the output is
+    scaled by sigmoid(0) = 0.5, which the doubled o_proj undoes; its shared expert is gated (zero gate, doubled
+    down_proj). A MoE without shared experts gets a zero-width one, which adds nothing."""
+    out = {}
+    for k, v in state.items():
+        if k == "model.norm.weight" or k.endswith(ZERO_CENTRED_NORMS):
+            v = v - 1
+        elif k.endswith("self_attn.q_proj.weight"):
+            heads = v.view(cfg.num_attention_heads, cfg.head_dim, -1)
+            v = torch.cat([heads, torch.zeros_like(heads)], dim=1).reshape(-1, v.shape[1])
+        elif k.endswith("self_attn.o_proj.weight"):
+            v = v * 2
+        out[k] = v
+        if k.endswith(".mlp.gate.weight") and not cfg.n_shared_experts:
+            shared = k.removesuffix("gate.weight") + "shared_experts."
+            h = cfg.hidden_size
+            out |= {shared + "gate_proj.weight": torch.zeros(0, h), shared + "up_proj.weight": torch.zeros(0, h),
+                    shared + "down_proj.weight": torch.zeros(h, 0)}  # fmt: skip
+    return sigmoid_gated_shared_expert(out)
 
 
 def hf_moe_fields(cfg: ModelConfig, arch: Arch) -> dict:
@@ -296,6 +354,28 @@ def hf_moe_fields(cfg: ModelConfig, arch: Arch) -> dict:
             rope_interleave=False,  # our RoPE rotates halves (model/layers.py)
             num_nextn_predict_layers=0,  # the MTP modules are not exported
             router_aux_loss_coef=cfg.router_aux_loss_coef,  # not a DeepseekV3Config field; kept for import
+        )
+    if arch is QWEN3_NEXT:  # RoPE on all of head_dim (our rope_tables' rotate_half layout, as its own)
+        moe = cfg.num_experts > 0
+        return dict(
+            layer_types=[
+                "linear_attention" if cfg.is_linear_attention(i) else "full_attention"
+                for i in range(cfg.num_hidden_layers)
+            ],  # fmt: skip
+            linear_num_key_heads=cfg.linear_num_key_heads,
+            linear_num_value_heads=cfg.linear_num_value_heads,
+            linear_key_head_dim=cfg.linear_key_head_dim,
+            linear_value_head_dim=cfg.linear_value_head_dim,
+            linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
+            num_experts=cfg.num_experts,  # 0: every layer a dense Qwen3NextMLP of intermediate_size
+            num_experts_per_tok=cfg.num_experts_per_tok if moe else 1,
+            moe_intermediate_size=cfg.moe_intermediate_size or cfg.intermediate_size,
+            shared_expert_intermediate_size=cfg.n_shared_experts * cfg.moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob and cfg.num_experts_per_tok > 1,
+            decoder_sparse_step=1,
+            mlp_only_layers=list(range(cfg.first_k_dense_replace)) if moe else [],
+            router_aux_loss_coef=cfg.router_aux_loss_coef,
+            partial_rotary_factor=1.0,
         )
     if arch is MIXTRAL:  # its experts are intermediate_size wide; it always renormalises (see `architecture`)
         return dict(
@@ -374,7 +454,7 @@ def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = 
     written = json.loads((out / "config.json").read_text())
     written.setdefault("rope_theta", model.config.rope_theta)
     written.setdefault("rope_scaling", rope_scaling(model.config))
-    if arch is GLM4_MOE:  # transformers 4.x reads it here, and defaults to 0.5
+    if arch in (GLM4_MOE, QWEN3_NEXT):  # transformers 4.x reads it here, and defaults to 0.5 / 0.25
         written.setdefault("partial_rotary_factor", 1.0)
     (out / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     state = {k: v.to(DTYPES[dtype]) for k, v in hf_state_dict(model, arch).items()}

@@ -130,17 +130,42 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
-def test_exports_refuse_the_hybrid_naming_the_differences(tmp_path, tokenizer_dir):
-    from nanomind.export import export_hf
+def test_gguf_export_refuses_the_hybrid_naming_the_differences(tmp_path, tokenizer_dir):
     from nanomind.export_gguf import export_gguf
 
     ckpt = checkpoint.save(tmp_path / "run", 1, hybrid(torch.float32, vocab_size=400), tokenizer_dir=tokenizer_dir)
-    with pytest.raises(ValueError, match="gated DeltaNet.*Qwen3NextForCausalLM.*output.*partial_rotary_factor.*"
-                                         "zero-centred.*shared_expert_gate"):  # fmt: skip
-        export_hf(ckpt, tmp_path / "hf")
     with pytest.raises(ValueError, match="GGUF export does not map gated DeltaNet.*qwen3next.*partial_rotary"):
         export_gguf(ckpt, tmp_path / "m.gguf")
-    assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_export_hf_gives_our_logits_and_greedy_tokens(tmp_path, tokenizer_dir):
+    """`export hf` writes Qwen3NextForCausalLM: output gate rows of zeros and a doubled o_proj, zero-centred norms
+    (w - 1), full-width RoPE, a zero shared-expert gate with a doubled down_proj. 100 tokens cross the gated
+    DeltaNet's 64-token chunk boundary."""
+    transformers = pytest.importorskip("transformers")
+    from nanomind.export import export_hf
+
+    model = hybrid(torch.float32, vocab_size=400, initializer_range=0.05)
+    assert model.config.qk_norm and model.config.num_experts and model.config.n_shared_experts
+    out = export_hf(checkpoint.save(tmp_path / "run", 1, model, tokenizer_dir=tokenizer_dir), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # no trust_remote_code
+    assert type(hf).__name__ == "Qwen3NextForCausalLM"
+    assert hf.config.layer_types == ["linear_attention"] * 3 + ["full_attention"]
+    ids = torch.randint(0, 400, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (hf(ids).logits - model(ids).logits).abs().max().item()
+    assert diff < 1e-4, diff
+    prompt = ids[0, :10].tolist()
+    greedy = SamplingConfig(max_new_tokens=16, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
+    ours = list(generate(model, prompt, greedy))
+    hf.generation_config.eos_token_id = None
+    theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16)[0, len(prompt) :].tolist()
+    assert len(ours) == 16 and ours == theirs
+    no_qk_norm = hybrid(torch.float32, vocab_size=400, qk_norm=False)
+    with pytest.raises(ValueError, match="qk_norm=False.*Qwen3NextForCausalLM"):
+        export_hf(checkpoint.save(tmp_path / "r2", 1, no_qk_norm, tokenizer_dir=tokenizer_dir), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")
