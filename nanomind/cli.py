@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("nanomind.plot", "plot the loss and validation curves of training runs to PNG"),
     "chat": ("nanomind.chat", "chat with a checkpoint in the terminal (or one-shot with --prompt)"),
     "serve": ("nanomind.serve", "OpenAI-compatible HTTP server with continuous batching and a web chat page"),
-    "export hf": ("nanomind.export:export_main", "export a checkpoint as a transformers model (Llama / Qwen3)"),
+    "export hf": ("nanomind.export:export_main", "export a checkpoint as a transformers model (Llama, Qwen3, ...)"),
     "export gguf": ("nanomind.export_gguf", "export a checkpoint to GGUF for llama.cpp (f32, f16, q8_0), --ollama"),
     "export merge-lora": ("nanomind.merge_lora", "fold a LoRA adapter into its base and write a plain checkpoint"),
     "import hf": ("nanomind.export:import_main", "import a transformers Llama / Qwen3 model as a checkpoint"),
