@@ -85,13 +85,13 @@ def score(ckpt: Path, heldout: Path, device: torch.device, temperature: float, s
     from nanomind import checkpoint
     from nanomind.rewards import format_boxed, numeric, parse_reward_spec
     from nanomind.tokenizer import Tokenizer
-    from nanomind.train.grpo import load_prompts, sample_groups
+    from nanomind.train.grpo import answer_texts, load_prompts, sample_groups
 
     tok = Tokenizer.load(checkpoint.tokenizer_dir(ckpt))
     model = checkpoint.load_model(ckpt, device).eval()
     prompts = load_prompts([str(heldout)], tok, 96, True)
     outs = sample_groups(model, [p.ids for p in prompts], 1, 32, temperature, tok.im_end_id, list(range(len(prompts))))
-    texts = [tok.decode(c[:-1] if c and c[-1] == tok.im_end_id else c) for c in outs]
+    texts = answer_texts(tok, outs)
     reward = parse_reward_spec(spec)
     n = len(texts)
     return {

@@ -136,6 +136,12 @@ def split(data: Pairs, val_fraction: float) -> tuple[list[int], list[int]]:
     return [i for i in range(len(data)) if i not in held], val
 
 
+def held_out(data: Pairs, val_fraction: float, batch_size: int, eval_batches: int) -> tuple[list[int], list[list[int]]]:
+    """(training pair indices, the held-out pairs evaluated: at most eval_batches batches of similar length)."""
+    train_index, val_index = split(data, val_fraction)
+    return train_index, length_batches(data, val_index, batch_size)[:eval_batches]
+
+
 def make_batch(data: Pairs, pairs: list[int], seq_len: int) -> dict[str, torch.Tensor]:
     """2B rows (the B chosen rows, then the B rejected rows), right-padded to the longest rounded up to 16.
     labels are -100 except where the next token belongs to the answer; ref_logps [2B] in the same order."""
@@ -251,8 +257,7 @@ def run(cfg: DPOConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = load_init(cfg.init, cfg.seq_len, device)
     data = load_pairs(cfg.data, tok, cfg.seq_len)
-    train_index, val_index = split(data, cfg.val_fraction)
-    val_batches = length_batches(data, val_index, cfg.batch_size)[: cfg.eval_batches]
+    train_index, val_batches = held_out(data, cfg.val_fraction, cfg.batch_size, cfg.eval_batches)
     # one reference pass over the training pairs and the evaluated held-out pairs (in the evaluation's batches)
     ref_batches = length_batches(data, train_index, cfg.batch_size) + val_batches
     data.ref = reference_logps(model, data, ref_batches, cfg.seq_len, cfg.dtype)

@@ -232,6 +232,11 @@ def sample_groups(
     return out
 
 
+def answer_texts(tok: Tokenizer, completions: list[list[int]]) -> list[str]:
+    """The text of each completion, without the closing <|im_end|> of one that stopped."""
+    return [tok.decode(c[:-1] if c and c[-1] == tok.im_end_id else c) for c in completions]
+
+
 def make_rows(prompts: list[list[int]], completions: list[list[int]], group_size: int) -> dict[str, torch.Tensor]:
     """Right-padded rows prompt + completion (widths rounded up to 16), labels -100 except on completion tokens
     (labels[t] is the token at t + 1)."""
@@ -276,7 +281,7 @@ class Rollouts:
         seeds = [(cfg.seed * 7919 + self.rolled) * len(self.prompts) + i for i in items]
         completions = sample_groups(self.policy, [p.ids for p in chosen], G, cfg.max_new_tokens, cfg.temperature,
                                     self.tok.im_end_id, seeds)  # fmt: skip
-        texts = [self.tok.decode(c[:-1] if c and c[-1] == self.tok.im_end_id else c) for c in completions]
+        texts = answer_texts(self.tok, completions)
         rewards = torch.tensor(self.reward([chosen[i // G] for i in range(len(texts))], texts)).view(-1, G)
         batch = make_rows([p.ids for p in chosen], completions, G)
         batch["advantages"] = group_advantages(rewards, normalise_std=cfg.loss != "dr_grpo").flatten()
@@ -333,7 +338,7 @@ def evaluate_prompts(model: Transformer, prompts: list[Prompt], reward: RewardFn
     """(mean reward, mean answer tokens) of one answer per prompt: greedy at temperature 0, else one sample."""
     seeds = [seed * len(prompts) + i for i in range(len(prompts))]
     completions = sample_groups(model, [p.ids for p in prompts], 1, max_new_tokens, temperature, tok.im_end_id, seeds)
-    texts = [tok.decode(c[:-1] if c and c[-1] == tok.im_end_id else c) for c in completions]
+    texts = answer_texts(tok, completions)
     return float(np.mean(reward(prompts, texts))), float(np.mean([len(c) for c in completions]))
 
 

@@ -19,9 +19,10 @@ from nanomind.config import arg
 from nanomind.device import resolve_device
 from nanomind.model.reward import RewardModel
 from nanomind.tokenizer import Tokenizer
-from nanomind.train.dpo import PairBatches, Pairs, length_batches, load_pairs, make_batch, split
+from nanomind.train.dpo import PairBatches, Pairs, held_out, load_pairs, make_batch
 from nanomind.train.loop import TrainConfig, TrainResult, dist_env, train, unwrap
 from nanomind.train.rl_losses import bradley_terry_loss
+from nanomind.train.sft import load_init
 
 
 @dataclass(kw_only=True)
@@ -88,16 +89,13 @@ def make_eval_fn(data: Pairs, batches: list[list[int]], seq_len: int):
 
 def load_reward_body(ckpt: str, seq_len: int, device: torch.device) -> RewardModel:
     """A RewardModel from a reward checkpoint, or a language model's checkpoint plus a fresh score head."""
-    model = checkpoint.load_model(ckpt, "cpu")
-    if not isinstance(model, RewardModel):
-        body = model
-        model = RewardModel(body.config)
-        missing, unexpected = model.load_state_dict(body.state_dict(), strict=False)
-        assert missing == ["score.weight"] and not unexpected, (missing, unexpected)
-    if seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings "
-                         f"{model.config.max_position_embeddings}")  # fmt: skip
-    return model.to(device)
+    model = load_init(ckpt, seq_len, device)
+    if isinstance(model, RewardModel):
+        return model
+    scored = RewardModel(model.config)
+    missing, unexpected = scored.load_state_dict(model.state_dict(), strict=False)
+    assert missing == ["score.weight"] and not unexpected, (missing, unexpected)
+    return scored.to(device)
 
 
 def run(cfg: RewardConfig) -> TrainResult:
@@ -108,8 +106,7 @@ def run(cfg: RewardConfig) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = load_reward_body(cfg.init, cfg.seq_len, device)
     data = load_pairs(cfg.data, tok, cfg.seq_len)
-    train_index, val_index = split(data, cfg.val_fraction)
-    val_batches = length_batches(data, val_index, cfg.batch_size)[: cfg.eval_batches]
+    train_index, val_batches = held_out(data, cfg.val_fraction, cfg.batch_size, cfg.eval_batches)
     if rank == 0:
         print(data.summary())
         print(f"{len(train_index)} train / {sum(map(len, val_batches))} evaluated held-out pairs")
